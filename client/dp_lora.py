@@ -1,0 +1,175 @@
+"""The dp-lora client mode: one site's DP-SGD LoRA step on its private split.
+
+``train_dp_lora`` is the unit Flower's ClientApp calls each round (and ``privdistill
+train-local`` calls once, without any federation): config + data path + the global adapter
+in, adapter tensors + metrics out. Nothing is pickled and no record leaves this function.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from common.data.loading import load_records
+from common.errors import ConfigError
+from common.models.build import add_lora, adapter_state, build_model, load_adapter_state, pick_device
+from common.models.lm import encode_texts, per_record_loss, perplexity
+from common.privacy.dp_sgd import DPSGDPlan, make_private, plan_dp_sgd
+from common.privacy.ledger import DPSGDCharge, PrivacyLedger
+
+
+@dataclass
+class DPLoRAConfig:
+    """Everything a client needs to run its DP-SGD LoRA step (same on every round)."""
+
+    epsilon: float = 8.0              # target ε for the whole planned run (all rounds)
+    delta: float | None = None        # default: min(1e-5, 1/(10·n_records))
+    rounds: int = 1                   # planned rounds; σ is calibrated for rounds × local_steps
+    local_steps: int = 30             # logical DP-SGD steps per round
+    batch_size: int = 16              # expected logical batch (Poisson sampling)
+    max_physical_batch_size: int = 16  # memory bound; opacus accumulates up to batch_size
+    max_grad_norm: float = 1.0
+    learning_rate: float = 5e-3
+    max_length: int = 128
+    accountant: str = "rdp"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: list[str] | None = None
+    seed: int = 0                     # LoRA initialisation only; DP noise is never seeded
+    text_field: str = "text"
+    device: str | None = None
+
+    @classmethod
+    def from_mapping(cls, values: dict) -> "DPLoRAConfig":
+        """Build from a flat mapping (a Flower config record or a TOML table); '-' == '_'."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"unknown dp-lora setting {key!r}; known: {', '.join(sorted(known))}")
+            if name == "lora_targets" and isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()] or None
+            kwargs[name] = value
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            raise ConfigError(f"epsilon must be a positive number, got {self.epsilon}")
+        for name in ("rounds", "local_steps", "batch_size", "max_physical_batch_size", "max_length", "lora_r"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LocalResult:
+    adapter: dict[str, np.ndarray]
+    metrics: dict[str, float]
+    plan: DPSGDPlan
+    history: list[float] = field(default_factory=list)  # train loss per logical step
+
+
+def load_lora_model(model_dir: str | Path, cfg: DPLoRAConfig, adapter: dict[str, np.ndarray] | None = None):
+    """Base model → device → peft LoRA (this order; see ``add_lora``) → optional adapter."""
+    device, _ = pick_device(cfg.device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(cfg.seed)
+    base = build_model(model_dir).to(device)  # LoRA training keeps fp32 master weights
+    model = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    if adapter is not None:
+        load_adapter_state(model, adapter)
+    return model, tokenizer
+
+
+def plan_for(train_path: str | Path, cfg: DPLoRAConfig) -> tuple[list[str], DPSGDPlan]:
+    texts = [r.text for r in load_records(train_path, field=cfg.text_field)]
+    plan = plan_dp_sgd(len(texts), cfg.batch_size, cfg.local_steps, cfg.rounds, cfg.epsilon, cfg.delta,
+                       cfg.max_grad_norm, cfg.accountant)
+    return texts, plan
+
+
+def train_dp_lora(model_dir: str | Path, train_path: str | Path, cfg: DPLoRAConfig, ledger: PrivacyLedger,
+                  run_id: str, round_id: int, adapter: dict[str, np.ndarray] | None = None,
+                  save_to: str | Path | None = None, progress: bool = False) -> LocalResult:
+    """Run ``cfg.local_steps`` DP-SGD steps on the LoRA adapters and charge the ledger once."""
+    texts, plan = plan_for(train_path, cfg)
+    charge = DPSGDCharge(plan.noise_multiplier, plan.sample_rate, cfg.local_steps, plan.max_grad_norm)
+    charge_id = f"{run_id}/round-{round_id}"
+    ledger.check(charge, charge_id)  # refuses before any training when over budget
+
+    model, tokenizer = load_lora_model(model_dir, cfg, adapter)
+    dataset = encode_texts(texts, tokenizer, cfg.max_length)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    torch.seed()  # DP noise and Poisson sampling must not be predictable from the config's seed
+    _, private_model, optimizer, loader = make_private(model, optimizer, dataset, cfg.batch_size, plan)
+    device = next(model.parameters()).device
+
+    private_model.train()
+    history: list[float] = []   # mean train loss of each logical step
+    step_losses: list[float] = []
+    with tqdm(total=cfg.local_steps, desc=f"DP-SGD round {round_id}", disable=not progress) as bar:
+        for input_ids, mask in _physical_batches(loader, optimizer, cfg.max_physical_batch_size):
+            if input_ids.numel():  # an empty Poisson batch still takes a (noise-only) step
+                loss = per_record_loss(private_model, input_ids.to(device), mask.to(device)).mean()
+                loss.backward()
+                step_losses.append(loss.item())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if optimizer._is_last_step_skipped:  # one physical slice of a larger logical batch
+                continue
+            history.append(float(np.mean(step_losses)) if step_losses else float("nan"))
+            step_losses = []
+            bar.update(1)
+            bar.set_postfix(loss=f"{history[-1]:.3f}")
+            if len(history) == cfg.local_steps:
+                break
+
+    ledger.charge(charge_id, charge, run_id=run_id, round=round_id)
+    if save_to is not None:
+        model.save_pretrained(save_to)
+    finite = [h for h in history if math.isfinite(h)]
+    metrics = {
+        "train_loss": float(np.mean(finite)) if finite else float("nan"),
+        "examples": len(texts),
+        "steps": cfg.local_steps,
+        "noise_multiplier": plan.noise_multiplier,
+        "sample_rate": plan.sample_rate,
+        "epsilon_spent": ledger.spent_epsilon(),
+        "epsilon_remaining": ledger.remaining_epsilon(),
+    }
+    return LocalResult(adapter_state(model), metrics, plan, history)
+
+
+def _physical_batches(loader, optimizer, max_physical_batch_size: int):
+    """Endless physical batches over Poisson-sampled logical batches (one pass = one epoch)."""
+    while True:
+        with BatchMemoryManager(data_loader=loader, max_physical_batch_size=max_physical_batch_size,
+                                optimizer=optimizer) as batches:
+            yield from batches
+
+
+def heldout_perplexity(model_dir: str | Path, data_path: str | Path, cfg: DPLoRAConfig,
+                       adapter: dict[str, np.ndarray] | None = None) -> tuple[float, int]:
+    """Perplexity of the (adapted) model on a held-out file, and its record count."""
+    texts = [r.text for r in load_records(data_path, field=cfg.text_field)]
+    if adapter is None:
+        device, _ = pick_device(cfg.device)
+        model, tokenizer = build_model(model_dir).to(device), AutoTokenizer.from_pretrained(model_dir)
+    else:
+        model, tokenizer = load_lora_model(model_dir, cfg, adapter)
+    return perplexity(model, encode_texts(texts, tokenizer, cfg.max_length)), len(texts)

@@ -1,0 +1,60 @@
+"""Language-modelling glue: text → fixed-length token tensors, per-record loss, perplexity."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def encode_texts(texts: list[str], tokenizer, max_length: int = 128) -> TensorDataset:
+    """Tokenise, append EOS, truncate to ``max_length`` and right-pad to the longest record.
+
+    Fixed shapes let opacus's Poisson sampler build empty batches and keep the per-sample
+    gradient computation simple.
+    """
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"][: max_length - 1] + [tokenizer.eos_token_id]
+           for t in texts]
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+    return TensorDataset(input_ids, mask)
+
+
+def token_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy per position, and the mask of positions that count."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    targets = input_ids[:, 1:]
+    valid = attention_mask[:, 1:].to(logits.dtype)
+    losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    return losses.view_as(targets) * valid, valid
+
+
+def per_record_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of each record (shape [batch]).
+
+    DP-SGD clips per record, so the training loss is the batch mean of these: each record's
+    gradient is then exactly the gradient of its own mean token loss, whatever the padding.
+    """
+    losses, valid = token_losses(model, input_ids, attention_mask)
+    return losses.sum(1) / valid.sum(1).clamp(min=1)
+
+
+@torch.no_grad()
+def perplexity(model, dataset: TensorDataset, batch_size: int = 32, device=None) -> float:
+    """Token-level perplexity of ``model`` on ``dataset`` (exp of the mean token loss)."""
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    total, count = 0.0, 0.0
+    for input_ids, mask in DataLoader(dataset, batch_size=batch_size):
+        losses, valid = token_losses(model, input_ids.to(device), mask.to(device))
+        total += losses.sum().item()
+        count += valid.sum().item()
+    model.train(was_training)
+    return math.exp(total / max(count, 1.0))
