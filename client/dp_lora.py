@@ -7,18 +7,22 @@ in, adapter tensors + metrics out. Nothing is pickled and no record leaves this 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
+import safetensors
+import safetensors.numpy
 import torch
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from common.data.loading import load_records
-from common.errors import ConfigError
+from common.atomic import atomic_write_bytes
+from common.errors import BudgetExceeded, ConfigError
 from common.models.build import add_lora, adapter_state, build_model, load_adapter_state, pick_device
 from common.models.lm import encode_texts, per_record_loss, perplexity
 from common.privacy.dp_sgd import DPSGDPlan, make_private, plan_dp_sgd
@@ -153,6 +157,65 @@ def train_dp_lora(model_dir: str | Path, train_path: str | Path, cfg: DPLoRAConf
         "epsilon_remaining": ledger.remaining_epsilon(),
     }
     return LocalResult(adapter_state(model), metrics, plan, history)
+
+
+# ---------------------------------------------------------------------------- federated round
+@dataclass
+class Site:
+    """Where one site keeps its private data and its ledger (from Flower's node config)."""
+
+    client_id: str
+    train_path: Path
+    heldout_path: Path
+    ledger_path: Path
+    epsilon_budget: float
+    model_dir: Path
+
+
+def run_round(site: Site, cfg: DPLoRAConfig, run_name: str, server_round: int,
+              global_adapter: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float], str]:
+    """One federated round at a site: (adapter to send, metrics, refusal reason or "").
+
+    A round already charged in the ledger is never trained twice: the update released then
+    is sent again (re-sending the same bytes costs no privacy). A site over budget refuses.
+    """
+    _, plan = plan_for(site.train_path, cfg)
+    ledger = PrivacyLedger.open(site.ledger_path, site.client_id, site.epsilon_budget, plan.delta, cfg.accountant)
+    charge_id = f"{run_name}/round-{server_round}"
+    release = site.ledger_path.parent / f"{site.ledger_path.stem}.releases" / f"{run_name}-round-{server_round}.safetensors"
+    metrics = {"num-examples": 0, "train-loss": float("nan"), "noise-multiplier": plan.noise_multiplier,
+               "epsilon-spent": ledger.spent_epsilon(), "epsilon-remaining": ledger.remaining_epsilon(),
+               "refused": 0, "replayed": 0}
+    if ledger.has_charge(charge_id):
+        if release.is_file():
+            adapter, saved = load_release(release)
+            return adapter, {**metrics, **saved, "replayed": 1}, ""
+        return global_adapter, {**metrics, "refused": 1}, (
+            f"round {server_round} of run {run_name!r} was already charged but its update was not kept; "
+            "not training it twice")
+    try:
+        result = train_dp_lora(site.model_dir, site.train_path, cfg, ledger, run_name, server_round, global_adapter)
+    except BudgetExceeded as refusal:
+        return global_adapter, {**metrics, "refused": 1}, str(refusal)
+    metrics.update({"num-examples": result.metrics["examples"], "train-loss": result.metrics["train_loss"],
+                    "epsilon-spent": result.metrics["epsilon_spent"],
+                    "epsilon-remaining": result.metrics["epsilon_remaining"]})
+    save_release(release, result.adapter, metrics)
+    return result.adapter, metrics, ""
+
+
+def save_release(path: Path, adapter: dict[str, np.ndarray], metrics: dict) -> None:
+    """Keep what a round released (safetensors, metrics in its metadata) for exact replays."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in adapter.items()},
+                                  metadata={"metrics": json.dumps(metrics)})
+    atomic_write_bytes(path, data)
+
+
+def load_release(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    with safetensors.safe_open(str(path), framework="np") as f:
+        metrics = json.loads(f.metadata()["metrics"])
+        return {k: f.get_tensor(k) for k in f.keys()}, metrics
 
 
 def _physical_batches(loader, optimizer, max_physical_batch_size: int):

@@ -46,14 +46,13 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, ClassVar
 
+from common.atomic import atomic_write_json
 from common.errors import BudgetExceeded, ConfigError, LedgerError
 from common.privacy.accounting import (
     ACCOUNTANTS,
@@ -169,7 +168,7 @@ class PrivacyLedger:
         if not path.exists():
             ledger = cls(path, client_id, float(epsilon_budget), float(delta), accountant, [], False)
             path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write_json(path, ledger.to_dict())
+            atomic_write_json(path, ledger.to_dict())
             return ledger
 
         ledger = cls.load(path)
@@ -387,7 +386,7 @@ class PrivacyLedger:
         }
         new_entries = [*self._entries, entry]
         new_charges = [*self._charges, charge]
-        _atomic_write_json(self.path, self._as_dict(new_entries, new_spent))
+        atomic_write_json(self.path, self._as_dict(new_entries, new_spent))
         # Only now, with the new ledger committed on disk, update the in-memory state.
         self._entries, self._charges, self._spent = new_entries, new_charges, new_spent
         return True
@@ -485,39 +484,3 @@ def _fmt_figures(*values: float) -> tuple[str, ...]:
         if len(set(out)) == len(set(values)):
             return out
     return tuple(f"{v!r}" for v in values)
-
-
-def _atomic_write_json(path: Path, data: dict) -> None:
-    """Replace ``path`` with ``data`` as JSON so that a crash leaves the old or new file.
-
-    temp file in the same directory -> write, flush, fsync -> os.replace -> fsync directory.
-    """
-    text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    directory = path.parent
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms that cannot open directories
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)

@@ -1,0 +1,80 @@
+"""The Flower ClientApp: what a data-owning site does when the server asks.
+
+train:    global adapter in → check the ledger → DP-SGD LoRA on this site's private split
+          → adapter + metrics out (or a refusal, when the budget would be exceeded).
+evaluate: global adapter in → perplexity on this site's held-out split → metrics out.
+
+The site's paths, id and budget come from Flower's node config, so the same app runs at a
+real site (`flower-supernode --node-config ...`) and in the Simulation Engine (where each
+node only knows its partition id and the paths follow the simulation's layout).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client import dp_lora
+from common.settings import RunSettings
+from common.wire import from_array_record, to_array_record
+
+
+def build_client_app(overrides: dict | None = None, mods: tuple = ()) -> ClientApp:
+    """A ClientApp; ``overrides`` take the place of the run config (in-process simulation)."""
+    app = ClientApp(mods=list(mods))
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        settings = _settings(context, overrides)
+        site = site_from_context(context, settings)
+        server_round = int(msg.content["config"]["server-round"])
+        if settings.fail_client == site.client_id and settings.fail_round == server_round:
+            raise RuntimeError(f"fault injected: {site.client_id} fails in round {server_round}")
+        global_adapter = from_array_record(msg.content["arrays"])
+        adapter, metrics, refusal = dp_lora.run_round(site, settings.dp, settings.name,
+                                                      server_round, global_adapter)
+        content = RecordDict({
+            "arrays": to_array_record(adapter, settings.wire_dtype),
+            "metrics": MetricRecord(metrics),
+            "client": ConfigRecord({"client-id": site.client_id, "refusal": refusal}),
+        })
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        settings = _settings(context, overrides)
+        site = site_from_context(context, settings)
+        adapter = from_array_record(msg.content["arrays"])
+        ppl, n = dp_lora.heldout_perplexity(site.model_dir, site.heldout_path, settings.dp, adapter)
+        metrics = MetricRecord({"num-examples": n, "eval-loss": math.log(ppl), "perplexity": ppl})
+        content = RecordDict({"metrics": metrics, "client": ConfigRecord({"client-id": site.client_id})})
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+def _settings(context: Context, overrides: dict | None) -> RunSettings:
+    return RunSettings.from_flat({**dict(context.run_config), **(overrides or {})})
+
+
+def site_from_context(context: Context, settings: RunSettings) -> dp_lora.Site:
+    """Node config keys: client-id, data-path, heldout-path, ledger-path, epsilon-budget, model-dir.
+
+    Missing keys fall back to the simulation layout under data-dir / run-dir by partition id.
+    """
+    node = dict(context.node_config)
+    index = node.get("partition-id")
+    client_id = str(node.get("client-id") or f"client_{index}")
+    simulated = Path(settings.data_dir) / f"client_{index}"
+    train_path = Path(node.get("data-path") or simulated / "train.jsonl")
+    heldout_path = Path(node.get("heldout-path") or train_path.with_name("heldout.jsonl"))
+    ledger_path = Path(node.get("ledger-path") or Path(settings.run_dir) / "ledgers" / f"{client_id}.json")
+    budget = float(node.get("epsilon-budget") or settings.dp.epsilon)
+    model_dir = Path(node.get("model-dir") or settings.model_dir)
+    return dp_lora.Site(client_id, train_path, heldout_path, ledger_path, budget, model_dir)
+
+
+app = build_client_app()

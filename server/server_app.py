@@ -1,0 +1,167 @@
+"""The Flower ServerApp: R rounds of FedAvg over LoRA adapter tensors, top to bottom.
+
+Each round: sample clients (Flower's FedAvg) → send the global adapter → collect replies →
+drop errors, timeouts, refusals and invalid updates (each logged with its node and reason)
+→ FedAvg of the valid ones weighted by examples → evaluate on every client's held-out
+split (weighted by records) → write adapter + round state atomically. `resume` continues
+from the last completed round. Frozen base weights never travel.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from logging import INFO, WARNING
+
+from flwr.app import ConfigRecord, Context, Message
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from common.errors import ConfigError
+from common.settings import RunSettings
+from common.wire import from_array_record, payload_bytes, to_array_record
+from server.checkpoint import RunDirectory
+from server.validation import update_problem
+
+
+class RoundFailed(RuntimeError):
+    """Fewer than min-clients valid replies: the round is not committed (resume to retry)."""
+
+
+def build_server_app(overrides: dict | None = None) -> ServerApp:
+    """A ServerApp; ``overrides`` take the place of the run config (in-process simulation)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        settings = RunSettings.from_flat({**dict(context.run_config), **(overrides or {})})
+        run_federation(grid, settings)
+
+    return app
+
+
+def run_federation(grid: Grid, settings: RunSettings) -> dict:
+    run = RunDirectory(settings.run_dir)
+    if settings.resume:
+        state = run.load_state()
+        global_adapter = run.load_adapter(state["adapter"])
+        log(INFO, "resuming %s after round %d of %d", run.path, state["completed_round"], settings.rounds)
+    else:
+        if run.exists():
+            raise ConfigError(f"{run.path} already holds a run; resume it (--resume) or pick another run directory")
+        state = run.new_state(settings.to_run_config())
+        global_adapter = initial_adapter(settings)
+        state["adapter"] = run.save_adapter(0, global_adapter)
+        run.commit(state)
+
+    strategy = FedAvg(fraction_train=settings.fraction_train, fraction_evaluate=1.0,
+                      min_train_nodes=settings.min_clients, min_evaluate_nodes=settings.min_clients,
+                      min_available_nodes=settings.min_clients)
+    if state["baseline"] is None:  # round 0: the untrained adapter (= the base teacher)
+        state["baseline"] = evaluate(strategy, grid, 0, global_adapter, settings)
+        run.commit(state)
+        log(INFO, "round 0: held-out perplexity %.3f", state["baseline"]["perplexity"])
+
+    for server_round in range(state["completed_round"] + 1, settings.rounds + 1):
+        started = time.monotonic()
+        config = ConfigRecord({"server-round": server_round, "run-name": settings.name})
+        messages = list(strategy.configure_train(server_round, to_array_record(global_adapter), config, grid))
+        for message in messages:
+            message.metadata.group_id = str(server_round)
+        replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+        outcome = sort_train_replies(messages, replies, global_adapter, settings)
+        if len(outcome["valid"]) < settings.min_clients:
+            raise RoundFailed(f"round {server_round}: {len(outcome['valid'])} valid replies, need "
+                              f"{settings.min_clients} (dropouts {len(outcome['dropouts'])}, rejected "
+                              f"{len(outcome['rejected'])}, refused {len(outcome['refused'])}); "
+                              f"state kept at round {state['completed_round']}, resume to retry")
+        aggregated, train_metrics = strategy.aggregate_train(server_round, outcome["valid"])
+        global_adapter = from_array_record(aggregated)
+        evaluation = evaluate(strategy, grid, server_round, global_adapter, settings)
+        record = {
+            "round": server_round,
+            "train": dict(train_metrics or {}),
+            "evaluate": evaluation,
+            "valid": len(outcome["valid"]),
+            "dropouts": outcome["dropouts"],
+            "rejected": outcome["rejected"],
+            "refused": outcome["refused"],
+            "epsilon": outcome["epsilon"],
+            "bytes_per_client": payload_bytes(global_adapter) // (2 if settings.wire_dtype == "float16" else 1),
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        state["adapter"] = run.save_adapter(server_round, global_adapter)
+        state["rounds"].append(record)
+        state["completed_round"] = server_round
+        run.commit(state)
+        log(INFO, "round %d/%d: train loss %.4f | held-out perplexity %.3f | ε spent max %.3f | "
+            "valid %d, dropouts %d, rejected %d, refused %d | %.1fs", server_round, settings.rounds,
+            record["train"].get("train-loss", math.nan), evaluation["perplexity"],
+            max(outcome["epsilon"].values(), default=0.0), record["valid"], len(record["dropouts"]),
+            len(record["rejected"]), len(record["refused"]), record["seconds"])
+    return state
+
+
+def sort_train_replies(messages: list[Message], replies: list[Message], global_adapter, settings) -> dict:
+    """Split replies into valid updates and counted failures; convert valid ones to float32."""
+    answered = {reply.metadata.src_node_id for reply in replies}
+    dropouts = [{"node": m.metadata.dst_node_id, "reason": "no reply before the round timeout"}
+                for m in messages if m.metadata.dst_node_id not in answered]
+    valid, rejected, refused, epsilon = [], [], [], {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            dropouts.append({"node": node, "reason": f"client error {reply.error.code}: {reply.error.reason[:300]}"})
+            continue
+        client = reply.content["client"]["client-id"] if "client" in reply.content else str(node)
+        metrics = reply.content["metrics"] if "metrics" in reply.content else {}
+        if "epsilon-spent" in metrics:
+            epsilon[client] = float(metrics["epsilon-spent"])
+        if metrics.get("refused", 0):
+            refused.append({"node": node, "client": client, "reason": reply.content["client"]["refusal"]})
+            log(WARNING, "node %s (%s) refused round: %s", node, client, refused[-1]["reason"])
+            continue
+        problem = _reply_problem(reply, global_adapter, settings)
+        if problem:
+            rejected.append({"node": node, "client": client, "reason": problem})
+            log(WARNING, "node %s (%s): update rejected: %s", node, client, problem)
+            continue
+        update = from_array_record(reply.content["arrays"])
+        reply.content["arrays"] = to_array_record(update, "float32")  # aggregate in float32
+        valid.append(reply)
+    return {"valid": valid, "dropouts": dropouts, "rejected": rejected, "refused": refused, "epsilon": epsilon}
+
+
+def _reply_problem(reply: Message, global_adapter, settings) -> str | None:
+    if "arrays" not in reply.content or "metrics" not in reply.content:
+        return "reply lacks arrays or metrics"
+    examples = reply.content["metrics"].get("num-examples")
+    if not isinstance(examples, (int, float)) or not examples > 0:
+        return f"num-examples must be positive, got {examples!r}"
+    return update_problem(from_array_record(reply.content["arrays"]), global_adapter, settings.wire_dtype,
+                          settings.max_update_norm)
+
+
+def evaluate(strategy: FedAvg, grid: Grid, server_round: int, adapter, settings: RunSettings) -> dict:
+    """Held-out perplexity over all clients, weighted by their held-out record counts."""
+    messages = list(strategy.configure_evaluate(server_round, to_array_record(adapter), ConfigRecord({}), grid))
+    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+    ok = [r for r in replies if not r.has_error()]
+    metrics = strategy.aggregate_evaluate(server_round, ok) if ok else None
+    if not metrics:
+        return {"perplexity": math.nan, "eval-loss": math.nan, "clients": 0}
+    return {"perplexity": math.exp(metrics["eval-loss"]), "eval-loss": metrics["eval-loss"],
+            "clients": len(ok), "records": sum(int(r.content["metrics"]["num-examples"]) for r in ok)}
+
+
+def initial_adapter(settings: RunSettings):
+    """The round-0 adapter: peft's initialisation (B = 0) under the run's seed."""
+    from client.dp_lora import load_lora_model
+    from common.models.build import adapter_state
+
+    model, _ = load_lora_model(settings.model_dir, settings.dp)
+    return adapter_state(model)
+
+
+app = build_server_app()
