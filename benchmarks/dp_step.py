@@ -100,7 +100,10 @@ def worker(spec: str, batch: int, seq: int, steps: int, rounds: int, warmup: int
     tokens = batch * seq
     rss_built = _maxrss_mib()
 
-    def step(fwd_model, optimizer) -> tuple[float, float, float, float]:
+    cpu_times = {"nonprivate": [], "dp": []}
+
+    def step(fwd_model, optimizer) -> tuple[float, float, float, float, float]:
+        c0 = time.process_time()
         t0 = time.perf_counter()
         loss = per_record_loss(fwd_model, input_ids, mask).mean()
         t1 = time.perf_counter()
@@ -109,12 +112,15 @@ def worker(spec: str, batch: int, seq: int, steps: int, rounds: int, warmup: int
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
-        return t1 - t0, t2 - t1, t3 - t2, loss.item()
+        return t1 - t0, t2 - t1, t3 - t2, loss.item(), time.process_time() - c0
 
-    # (a) non-private: plain Adam on the LoRA parameters, no opacus anywhere yet.
+    # (a) non-private: plain Adam on the LoRA parameters, no opacus anywhere yet. Warm-up is cut
+    # to one step per mode when a step is expensive relative to the time budget.
     plain_opt = torch.optim.Adam(params, lr=LEARNING_RATE)
-    for _ in range(warmup):
-        step(model, plain_opt)
+    est_np = sum(step(model, plain_opt)[:3])
+    warmup_used = max(1, warmup if est_np * 2 * warmup <= budget_s / 4 else 1)
+    for _ in range(warmup_used - 1):
+        est_np = sum(step(model, plain_opt)[:3])
     rss_nonprivate = _maxrss_mib()
 
     # (b) DP-SGD: the project's make_private (hooks mode, Poisson loader that we do not iterate).
@@ -128,8 +134,8 @@ def worker(spec: str, batch: int, seq: int, steps: int, rounds: int, warmup: int
     _, private_model, dp_opt, _ = make_private(model, dp_adam, dataset, batch, plan)
     if dp_opt.expected_batch_size != batch:
         raise RuntimeError(f"opacus expects batch {dp_opt.expected_batch_size}, benchmark feeds {batch}")
-    for _ in range(warmup):
-        step(private_model, dp_opt)
+    for _ in range(warmup_used):
+        est_dp = sum(step(private_model, dp_opt)[:3])
     rss_dp = _maxrss_mib()
 
     hooks_on = True
@@ -142,23 +148,11 @@ def worker(spec: str, batch: int, seq: int, steps: int, rounds: int, warmup: int
             private_model.remove_hooks()
         hooks_on = on
 
-    # Re-check the non-private path after removing the hooks: no per-sample gradients may appear.
-    set_hooks(False)
-    per_record_loss(model, input_ids, mask).mean().backward()
-    if any(getattr(p, "grad_sample", None) is not None for p in params):
-        raise RuntimeError("opacus hooks still active on the non-private path")
-    plain_opt.zero_grad(set_to_none=True)
-    t = time.perf_counter()
-    step(model, plain_opt)
-    est_np = time.perf_counter() - t
-    set_hooks(True)
-    t = time.perf_counter()
-    step(private_model, dp_opt)
-    est_dp = time.perf_counter() - t
-
-    # Fit the number of alternation rounds into the time budget (at least 2 rounds).
-    per_round = steps * (est_np + est_dp)
-    rounds_used = max(2, min(rounds, int(budget_s // max(per_round, 1e-9))))
+    # Fit the plan into the time budget: prefer more alternation rounds (fairness under a
+    # fluctuating load) over longer blocks; at least 3 rounds of 1 step each.
+    pairs = max(3, int(budget_s // max(est_np + est_dp, 1e-9)))
+    rounds_used = min(rounds, max(3, pairs // steps))
+    steps_used = min(steps, max(1, pairs // rounds_used))
 
     times = {"nonprivate": [], "dp": []}
     phases = {m: {"forward": [], "backward": [], "optimizer": []} for m in times}
@@ -171,13 +165,18 @@ def worker(spec: str, batch: int, seq: int, steps: int, rounds: int, warmup: int
             fwd_model, opt = (model, plain_opt) if mode == "nonprivate" else (private_model, dp_opt)
             gc.collect()
             block = []
-            for _ in range(steps):
-                f, b, o, loss = step(fwd_model, opt)
+            for _ in range(steps_used):
+                f, b, o, loss, cpu = step(fwd_model, opt)
+                cpu_times[mode].append(cpu)
                 block.append(f + b + o)
                 phases[mode]["forward"].append(f)
                 phases[mode]["backward"].append(b)
                 phases[mode]["optimizer"].append(o)
                 losses[mode].append(loss)
+            # DPOptimizer.zero_grad leaves grad_sample at None and plain Adam never touches it,
+            # so a per-sample gradient after a non-private block means the hooks were still on.
+            if mode == "nonprivate" and any(getattr(p, "grad_sample", None) is not None for p in params):
+                raise RuntimeError("opacus hooks still active on the non-private path")
             times[mode].extend(block)
             block_means[mode].append(statistics.fmean(block))
     set_hooks(True)
@@ -188,13 +187,16 @@ def worker(spec: str, batch: int, seq: int, steps: int, rounds: int, warmup: int
         "model": spec, "vocab": vocab, "batch": batch, "seq": seq, "tokens_per_step": tokens,
         "params_total": total, "params_trainable": trainable,
         "threads": torch.get_num_threads(),
-        "steps_per_block": steps, "rounds": rounds_used, "warmup": warmup,
+        "steps_per_block": steps_used, "rounds": rounds_used, "warmup": warmup_used,
         "median_step_s": med,
         "tokens_per_s": {m: tokens / v for m, v in med.items()},
         "ratio_dp_over_nonprivate": med["dp"] / med["nonprivate"],
         "paired_block_ratios": paired,
         "phase_median_s": {m: {k: statistics.median(v) for k, v in ph.items()} for m, ph in phases.items()},
         "min_step_s": {m: min(v) for m, v in times.items()},
+        "ratio_of_min_steps": min(times["dp"]) / min(times["nonprivate"]),
+        "median_cpu_s": {m: statistics.median(v) for m, v in cpu_times.items()},
+        "cpu_time_ratio": statistics.median(cpu_times["dp"]) / statistics.median(cpu_times["nonprivate"]),
         "rss_mib": {"built": rss_built, "nonprivate_peak": rss_nonprivate, "dp_peak": rss_dp,
                     "final_peak": _maxrss_mib()},
         "last_loss": {m: v[-1] for m, v in losses.items()},
@@ -262,7 +264,8 @@ def print_report(info: dict, results: list[dict], args) -> None:
           f"does not enter the timing. σ={NOISE_MULTIPLIER}, C={MAX_GRAD_NORM}, hooks mode.")
     print("Non-private step: same model object with the opacus hooks removed, plain Adam on the LoRA params.")
     print("Timing: warm-up, then alternating blocks (order flipped each round); medians of per-step times. "
-          "Ratio = median DP step time / median non-private step time.")
+          "Ratio = median DP step time / median non-private step time. Rounds and steps per block are cut to "
+          f"fit --budget {args.budget:g} s of timed steps per model (at least 3 rounds of 1 step).")
     print("Peak RSS: one fresh subprocess per model; non-private peak read after the non-private warm-up "
           "(run first), DP peak after the DP warm-up, so Δ = extra high-water memory of the DP step.")
     print()
@@ -289,7 +292,9 @@ def print_report(info: dict, results: list[dict], args) -> None:
         fmt = lambda p: f"{p['forward'] * 1e3:.1f} / {p['backward'] * 1e3:.1f} / {p['optimizer'] * 1e3:.1f} ms"
         print(f"  {r['model']:<16} non-private {fmt(ph['nonprivate'])};  DP {fmt(ph['dp'])};  "
               f"median step {r['median_step_s']['nonprivate'] * 1e3:.1f} vs {r['median_step_s']['dp'] * 1e3:.1f} ms; "
-              f"subprocess wall {r['wall_s']:.0f} s")
+              f"ratio of fastest steps {r['ratio_of_min_steps']:.2f}×; "
+              f"ratio of median process CPU time {r['cpu_time_ratio']:.2f}×; "
+              f"subprocess wall {r['wall_s']:.0f} s; load avg {r['loadavg'][0]} → {r['loadavg'][1]}")
     print()
     print("Goal stated in the issue: DP step ≤ 1.1× the non-private step time on CPU.")
     for r in results:
@@ -305,11 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="records per step (default 16)")
     parser.add_argument("--seq", type=int, default=128, help="tokens per record (default 128)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per block (default 5)")
-    parser.add_argument("--rounds", type=int, default=6,
-                        help="alternation rounds (non-private block + DP block) at most (default 6)")
+    parser.add_argument("--rounds", type=int, default=8,
+                        help="alternation rounds (non-private block + DP block) at most (default 8)")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up steps per mode (default 2)")
     parser.add_argument("--budget", type=float, default=60.0,
-                        help="seconds of timed steps per model; rounds are cut to fit, min 2 (default 60)")
+                        help="seconds of timed steps per model; rounds/steps are cut to fit, at least 3 rounds "
+                             "of 1 step (default 60)")
     parser.add_argument("--vocab", type=int, default=None,
                         help=f"vocabulary for every model (default {DEMO_VOCAB}; 32000 for bench-gpt2-50m)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
@@ -337,14 +343,15 @@ def main(argv: list[str] | None = None) -> int:
                "--warmup", str(args.warmup), "--budget", str(args.budget)]
         if args.vocab:
             cmd += ["--vocab", str(args.vocab)]
-        print(f"… {spec}: measuring in a fresh subprocess (load average {_loadavg()})", file=sys.stderr, flush=True)
+        load_before = _loadavg()
+        print(f"… {spec}: measuring in a fresh subprocess (load average {load_before})", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             results.append({"model": spec, "error": f"exit {proc.returncode}: {tail[0][:200]}"})
             continue
-        results.append(json.loads(lines[-1][len("RESULT "):]))
+        results.append(json.loads(lines[-1][len("RESULT "):]) | {"loadavg": [load_before, _loadavg()]})
     info["loadavg_end"] = _loadavg()
     print_report(info, results, args)
     if args.json:

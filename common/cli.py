@@ -115,14 +115,30 @@ def train_local(
     console.print(f"adapter saved to {out / 'adapter'}; ledger {book.path}")
 
 
+@app.command("simulate")
+def simulate_command(
+    config: Path = typer.Option(Path("simulations/configs/dp-lora.toml"), help="Simulation TOML file."),
+    run_dir: Optional[Path] = typer.Option(None, help="Run directory (default runs/<name>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir after its last completed round."),
+    set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set rounds=5 --set epsilon=2."),
+) -> None:
+    """Run N simulated sites and the server with Flower's Simulation Engine on this machine."""
+    from common.settings import RunSettings, parse_overrides
+    from simulations.run import prepare_run, report, simulate
+
+    settings = RunSettings.from_toml(config, parse_overrides(set_))
+    settings = prepare_run(settings, run_dir or Path("runs") / settings.name, resume)
+    report(simulate(settings), settings, console)
+
+
 @app.command("demo")
 def demo(name: str = typer.Option("demo", help="Run name: everything goes under runs/NAME/."),
          epsilon: float = typer.Option(8.0, help="Target ε."),
          runs: Path = typer.Option(Path("runs"), help="Parent directory of run directories.")) -> None:
-    """The offline demo: generate data, warm the teacher up, DP-train on a site, print the result."""
-    from simulations.demo import run_local_demo
+    """The offline demo: corpus, tiny teacher, 5 sites × 3 rounds of federated DP-LoRA, ledgers."""
+    from simulations.demo import run_federated_demo
 
-    run_local_demo(runs / name, epsilon=epsilon)
+    run_federated_demo(name, runs, epsilon)
 
 
 @ledger_app.command("show")
@@ -153,3 +169,136 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     sys.exit(main())
+
+
+# ---------------------------------------------------------------------------- deployment
+# Real multi-process deployment (common/deploy.py): one SuperLink, one SuperNode per site.
+
+
+@app.command("certs")
+def certs_command(
+    out: Path = typer.Option(..., help="Directory for ca.crt, ca.key, server.pem, server.key."),
+    host: list[str] = typer.Option([], "--host", help="DNS name or IP the sites use to reach the server "
+                                                      "(repeatable; default localhost, 127.0.0.1, ::1)."),
+    days: int = typer.Option(365, min=1, help="Validity of both certificates, in days."),
+    force: bool = typer.Option(False, "--force", help="Replace existing files (sites then need the new ca.crt)."),
+) -> None:
+    """Create a private CA and the SuperLink's TLS certificate (EC P-384)."""
+    from common.deploy import DEFAULT_HOSTS, certificate_hosts, generate_certificates
+
+    paths = generate_certificates(out, tuple(host) or DEFAULT_HOSTS, days=days, overwrite=force)
+    print(f"certificates in {paths.ca_cert.parent} for {', '.join(certificate_hosts(paths.server_cert))}")
+    print(f"  {paths.ca_cert.name:<11} CA certificate (public): copy it to EVERY site (privdistill client --ca-cert)\n"
+          f"  {'':<11} and to whoever submits runs (privdistill run --ca-cert)\n"
+          f"  {paths.server_cert.name:<11} server certificate: stays on the server\n"
+          f"  {paths.server_key.name:<11} server private key (0600): stays on the server, never copied\n"
+          f"  {paths.ca_key.name:<11} CA private key (0600): keep it offline; only needed to issue new certificates")
+    print(f"next: privdistill server --certs {paths.ca_cert.parent} --port 9092 --host 0.0.0.0")
+
+
+def _exec_tool(argv: list[str], env: dict) -> None:
+    """Replace this process with a Flower tool (foreground; signals go straight to it)."""
+    import os
+    import shutil
+
+    exe = shutil.which(argv[0], path=env.get("PATH"))
+    if exe is None:
+        raise UserError(f"{argv[0]} not found on PATH; install privdistill's dependencies (flwr) in this environment")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(exe, argv, env)
+
+
+@app.command("server")
+def server_command(
+    port: int = typer.Option(9092, help="The SuperLink's one HTTPS port (Fleet, Control and Runtime APIs)."),
+    certs: Optional[Path] = typer.Option(None, help="Directory from `privdistill certs` (ca.crt, server.pem, server.key)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP, no TLS: local tests only."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for all interfaces)."),
+    database: Optional[Path] = typer.Option(None, help="SuperLink state file (default: in memory)."),
+) -> None:
+    """Start the SuperLink (the federation's server) in the foreground."""
+    from common.deploy import CertPaths, check_port, superlink_command, tool_env
+
+    check_port(port)
+    paths = None
+    if insecure:
+        print("WARNING: --insecure: the SuperLink serves plain HTTP; model updates and the control API are "
+              "unencrypted. Use it only for a test on one machine.", file=sys.stderr)
+    else:
+        if certs is None:
+            raise UserError("pass --certs DIR (from `privdistill certs`), or --insecure for a local test")
+        paths = CertPaths.in_dir(certs)
+        paths.check_server_files()
+    argv = superlink_command(port, paths, host=host, insecure=insecure,
+                             database=database.expanduser().resolve() if database else None)
+    console.print(f"starting SuperLink on {host}:{port} ({'INSECURE' if insecure else 'TLS'}): {' '.join(argv)}",
+                  markup=False, highlight=False)
+    _exec_tool(argv, tool_env())
+
+
+@app.command("client")
+def client_command(
+    server: str = typer.Option(..., help="The SuperLink as HOST:PORT."),
+    data: Path = typer.Option(..., help="This site's private training file."),
+    heldout: Path = typer.Option(..., help="This site's held-out file (evaluation)."),
+    model: Path = typer.Option(..., help="The shared base model directory (same on every site)."),
+    ledger: Path = typer.Option(..., help="This site's privacy ledger (JSON; created on the first round)."),
+    client_id: str = typer.Option(..., help="This site's id (recorded in its ledger)."),
+    budget: Optional[float] = typer.Option(None, help="This site's total ε budget (default: the run's epsilon)."),
+    ca_cert: Optional[Path] = typer.Option(None, help="The deployment's ca.crt (from the server admin)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP to an --insecure server: local tests only."),
+    port: Optional[int] = typer.Option(None, help="Local port for the SuperNode's runtime API (default 9094; "
+                                                  "distinct per SuperNode on one machine)."),
+) -> None:
+    """Start this site's SuperNode in the foreground; the private data never leaves it."""
+    from common.deploy import check_node_files, node_config, parse_address, supernode_command, tool_env
+
+    parse_address(server, "--server")
+    if insecure == (ca_cert is not None):
+        raise UserError("pass exactly one of --ca-cert FILE (TLS) and --insecure")
+    if ca_cert is not None and not ca_cert.is_file():
+        raise UserError(f"--ca-cert {ca_cert} not found; copy ca.crt from the server admin (`privdistill certs`)")
+    config = node_config(client_id, data, heldout, model, ledger, budget)
+    check_node_files(config)
+    argv = supernode_command(server, config, ca_cert=ca_cert, insecure=insecure, port=port)
+    if insecure:
+        print("WARNING: --insecure: this site talks plain HTTP to the server; use it only for a local test.",
+              file=sys.stderr)
+    console.print(f"starting SuperNode {config['client-id']!r} → {server}: {' '.join(argv)}",
+                  markup=False, highlight=False)
+    _exec_tool(argv, tool_env())
+
+
+@app.command("run")
+def run_command(
+    server: str = typer.Option(..., help="The SuperLink as HOST:PORT."),
+    ca_cert: Optional[Path] = typer.Option(None, help="The deployment's ca.crt."),
+    insecure: bool = typer.Option(False, "--insecure", help="The server runs with --insecure (local tests only)."),
+    run_config: str = typer.Option("", help="Run settings, Flower syntax: 'rounds=5 epsilon=4.0 name=\"x\"'."),
+    flwr_home: Optional[Path] = typer.Option(None, help="Flower's config directory (default $FLWR_HOME or ~/.flwr)."),
+    connection: str = typer.Option("privdistill", help="Name of the connection entry in FLWR_HOME/config.toml."),
+) -> None:
+    """Submit the privdistill app to a running SuperLink and stream its logs (`flwr run`)."""
+    from common.deploy import (REPO_DIR, app_run_config, check_app_dir, flwr_home as resolve_home,
+                               flwr_run_command, parse_address, parse_config, tool_env, write_connection)
+    from common.settings import RunSettings
+
+    parse_address(server, "--server")
+    if insecure == (ca_cert is not None):
+        raise UserError("pass exactly one of --ca-cert FILE (TLS) and --insecure")
+    if ca_cert is not None and not ca_cert.is_file():
+        raise UserError(f"--ca-cert {ca_cert} not found; copy ca.crt from the server admin (`privdistill certs`)")
+    app_dir = check_app_dir(REPO_DIR)
+    overrides = parse_config(run_config)
+    RunSettings.from_flat({**app_run_config(app_dir), **overrides})  # unknown keys / bad values: fail here
+    home = resolve_home(flwr_home)
+    path = write_connection(home, server, ca_cert=ca_cert, insecure=insecure, name=connection)
+    console.print(f"connection {connection!r} → {server} written to {path}", markup=False, highlight=False)
+    argv = flwr_run_command(connection, run_config, app_dir=app_dir)
+    console.print(" ".join(argv), markup=False, highlight=False)
+    _exec_tool(argv, tool_env(home))
+
+
+if __name__ == "__main__":
+    entry()

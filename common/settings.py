@@ -146,3 +146,18 @@ def flatten_tables(document: dict, source: str = "config") -> dict:
                 raise ConfigError(f"{source}: key {inner!r} appears twice; keys must be unique across tables")
             flat[inner] = inner_value
     return flat
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["rounds=5", "epsilon=2.0", 'name="x"']`` → typed values (TOML syntax, bare strings allowed)."""
+    overrides = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. --set rounds=5)")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()  # a bare word: take it as a string
+        overrides[key.strip()] = value
+    return overrides

@@ -10,6 +10,7 @@ from the last completed round. Frozen base weights never travel.
 from __future__ import annotations
 
 import math
+import re
 import time
 from logging import INFO, WARNING
 
@@ -112,7 +113,8 @@ def sort_train_replies(messages: list[Message], replies: list[Message], global_a
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            dropouts.append({"node": node, "reason": f"client error {reply.error.code}: {reply.error.reason[:300]}"})
+            dropouts.append({"node": node, "reason": f"client error {reply.error.code}: {_short(reply.error.reason)}"})
+            log(WARNING, "node %s dropped out: %s", node, dropouts[-1]["reason"])
             continue
         client = reply.content["client"]["client-id"] if "client" in reply.content else str(node)
         metrics = reply.content["metrics"] if "metrics" in reply.content else {}
@@ -131,6 +133,13 @@ def sort_train_replies(messages: list[Message], replies: list[Message], global_a
         reply.content["arrays"] = to_array_record(update, "float32")  # aggregate in float32
         valid.append(reply)
     return {"valid": valid, "dropouts": dropouts, "rejected": rejected, "refused": refused, "epsilon": epsilon}
+
+
+def _short(reason: str) -> str:
+    """The exception line of a (possibly Ray-wrapped) client traceback."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in reason.splitlines()]
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)]
+    return (errors[-1] if errors else " ".join(lines))[:300]
 
 
 def _reply_problem(reply: Message, global_adapter, settings) -> str | None:

@@ -1,7 +1,8 @@
-"""The offline demo: corpus → tokenizer + warmed-up tiny teacher → DP-SGD LoRA on one site.
+"""The offline demo: corpus → tokenizer + warmed-up tiny teacher → 5 simulated sites ×
+3 rounds of DP-SGD LoRA under Flower → round table and every site's ledger.
 
-Everything lands under ``runs/<name>/``. Foundation 2 replaces the last step by a Flower
-simulation of several sites; until then this is the local (no federation) baseline.
+Everything lands under ``runs/<name>/``. ``run_local_demo`` is the single-site, no-Flower
+variant (the baseline `train-local` measures against).
 """
 
 from __future__ import annotations
@@ -36,6 +37,25 @@ def prepare(run_dir: Path, clients: int = 5, seed: int = 0, warmup_steps: int = 
         info = warmup_teacher(public, model_dir, spec=spec, steps=warmup_steps, seed=seed)
         console.print(f"      public perplexity {info['public_eval_perplexity']:.2f}")
     return model_dir
+
+
+def run_federated_demo(name: str = "demo", runs: Path = Path("runs"), epsilon: float = 8.0) -> dict:
+    """5 clients × 3 rounds of DP-LoRA at ε in the Simulation Engine (simulations/configs/dp-lora.toml)."""
+    from common.settings import RunSettings
+    from simulations.run import prepare_run, report, simulate
+
+    run_dir = Path(runs) / name
+    config = Path(__file__).parent / "configs" / "dp-lora.toml"
+    resume = (run_dir / "state.json").exists()
+    settings = RunSettings.from_toml(config, {"name": name, "epsilon": epsilon})
+    console.print(f"[bold]privdistill demo[/] → {run_dir} ({'resuming' if resume else 'new run'})")
+    prepare(run_dir)  # corpus + teacher, with progress
+    settings = prepare_run(settings, run_dir, resume)
+    console.print(f"[bold]3/3[/] federated DP-SGD LoRA: {settings.clients} clients × {settings.rounds} rounds "
+                  f"at ε={epsilon} (Flower Simulation Engine)")
+    state = simulate(settings)
+    report(state, settings, console)
+    return state
 
 
 def run_local_demo(run_dir: Path, epsilon: float = 8.0, steps: int = 40, seed: int = 0) -> dict:

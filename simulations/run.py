@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from common.errors import ConfigError
@@ -46,6 +47,9 @@ def simulate(settings: RunSettings, client_mods: tuple = ()) -> dict:
     from client.client_app import build_client_app
     from server.server_app import build_server_app
 
+    # Flower's own console handler prints its records; without this, a root handler set up
+    # by a dependency prints every one of them a second time, DEBUG included.
+    logging.getLogger("flwr").propagate = False
     run_config = settings.to_run_config()
     backend_config = {
         "client_resources": {"num_cpus": settings.client_cpus, "num_gpus": settings.client_gpus},
@@ -54,3 +58,28 @@ def simulate(settings: RunSettings, client_mods: tuple = ()) -> dict:
     run_simulation(server_app=build_server_app(run_config), client_app=build_client_app(run_config, client_mods),
                    num_supernodes=settings.clients, backend_config=backend_config)
     return RunDirectory(settings.run_dir).load_state()
+
+
+def report(state: dict, settings: RunSettings, console) -> None:
+    """The round table and every client's ledger, as the demo prints them."""
+    from rich.table import Table
+
+    from common.privacy.ledger import PrivacyLedger
+
+    table = Table(title=f"{settings.name}: {settings.clients} clients × {settings.rounds} rounds, "
+                        f"DP-LoRA at ε={settings.dp.epsilon} ({settings.run_dir})")
+    for column in ("round", "loss", "ppl", "ε max", "ok", "drop", "rej", "ref", "s"):
+        table.add_column(column, justify="right")
+    baseline = state.get("baseline") or {}
+    table.add_row("0", "", f"{baseline.get('perplexity', float('nan')):.3f}", "0", "", "", "", "", "")
+    for r in state["rounds"]:
+        loss = r["train"].get("train-loss")
+        table.add_row(str(r["round"]), f"{loss:.4f}" if loss is not None else "–",
+                      f"{r['evaluate']['perplexity']:.3f}", f"{max(r['epsilon'].values(), default=0):.3f}",
+                      str(r["valid"]), str(len(r["dropouts"])), str(len(r["rejected"])), str(len(r["refused"])),
+                      f"{r['seconds']:.1f}")
+    console.print(table)
+    console.print("loss: mean DP-SGD train loss; ppl: held-out perplexity over all sites (by records); ε max: "
+                  "largest ε spent by a site; ok/drop/rej/ref: valid replies, dropouts, rejected updates, refusals")
+    for ledger_path in sorted((Path(settings.run_dir) / "ledgers").glob("*.json")):
+        console.print(PrivacyLedger.load(ledger_path).describe(), markup=False, highlight=False)

@@ -1,0 +1,33 @@
+"""Shared fixtures: one small generated corpus and one warmed-up tiny teacher per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def fed_root(tmp_path_factory):
+    """3 sites' corpus (generated) + a tiny GPT-2 teacher warmed up on its public split."""
+    from common.data.generate import generate_corpus
+    from common.data.loading import load_records
+    from common.models.warmup import warmup_teacher
+
+    root = tmp_path_factory.mktemp("federation")
+    generate_corpus(root / "corpus", n_clients=3, seed=7, public_records=200, train_per_client=60,
+                    heldout_per_client=20)
+    public = [r.text for r in load_records(root / "corpus" / "public.jsonl")]
+    warmup_teacher(public, root / "teacher", spec="tiny-gpt2", steps=30, progress=False)
+    return root
+
+
+def fed_overrides(root, **changes) -> dict:
+    """Small, fast settings for 3 simulated sites on the session corpus."""
+    overrides = {"clients": 3, "rounds": 2, "min-clients": 2, "local-steps": 4, "batch-size": 16,
+                 "data-dir": str(root / "corpus"), "model-dir": str(root / "teacher"), "generate-data": False,
+                 "round-timeout": 300.0}
+    overrides.update(changes)
+    return overrides

@@ -1,0 +1,124 @@
+"""Federated DP-LoRA end to end in Flower's Simulation Engine (real ServerApp/ClientApp, Ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from client.wire_log import wire_capture_mod
+from common.cli import main
+from common.data.loading import load_records
+from common.privacy.ledger import PrivacyLedger
+from common.settings import RunSettings
+from server.checkpoint import RunDirectory
+from simulations.run import prepare_run, simulate
+from tests.conftest import fed_overrides
+from tests.wirecheck import find_leaks
+
+CONFIG = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "dp-lora.toml"
+
+
+def _settings(root, run_dir, resume=False, **changes):
+    return prepare_run(RunSettings.from_toml(CONFIG, fed_overrides(root, **changes)), run_dir, resume)
+
+
+def _charges(ledger_path):
+    return [e["charge_id"] for e in PrivacyLedger.load(ledger_path).entries]
+
+
+def test_three_clients_two_rounds_improve_and_leak_nothing(fed_root, tmp_path):
+    run_dir, wire = tmp_path / "run", tmp_path / "wire"
+    state = simulate(_settings(fed_root, run_dir, name="e2e"), client_mods=(wire_capture_mod(wire),))
+
+    assert state["completed_round"] == 2
+    run = RunDirectory(run_dir)
+    first, last = run.load_adapter("adapters/round_0.safetensors"), run.load_adapter(state["adapter"])
+    assert any(not np.allclose(first[k], last[k]) for k in first), "the global adapter did not change"
+    assert state["rounds"][-1]["evaluate"]["perplexity"] < state["baseline"]["perplexity"]
+    assert all(r["valid"] == 3 and not r["dropouts"] and not r["rejected"] for r in state["rounds"])
+    for i in range(3):
+        ledger = PrivacyLedger.load(run_dir / "ledgers" / f"client_{i}.json")
+        assert _charges(ledger.path) == ["e2e/round-1", "e2e/round-2"]
+        assert 0 < ledger.spent_epsilon() <= 8.0
+        assert state["rounds"][-1]["epsilon"][f"client_{i}"] == pytest.approx(ledger.spent_epsilon())
+
+    # Wire: every message in and out of every site, in Flower's own encoding.
+    payloads = {p.name: p.read_bytes() for p in sorted(wire.glob("*.bin"))}
+    assert len(payloads) == 2 * 3 * (2 + 3)  # in+out × sites × (train rounds + evaluations incl. round 0)
+    corpus = fed_root / "corpus"
+    texts = [r.text for i in range(3) for split in ("train", "heldout")
+             for r in load_records(corpus / f"client_{i}" / f"{split}.jsonl")]
+    texts += [c["text"] for c in json.loads((corpus / "canaries.json").read_text())["canaries"]]
+    tokenizer = AutoTokenizer.from_pretrained(fed_root / "teacher")
+    assert find_leaks(payloads, texts, tokenizer) == []
+    # The checker itself finds planted leaks (text, and token ids packed as int64).
+    ids = tokenizer(texts[5], add_special_tokens=False)["input_ids"]
+    planted = {"text": b"xx" + texts[3][10:60].encode() + b"yy", "ids": b"\x01" + np.array(ids, np.int64).tobytes()}
+    found = find_leaks(planted, texts, tokenizer)
+    assert any(f.startswith("text:") for f in found) and any(f.startswith("ids:") for f in found)
+
+
+def test_client_failure_counts_as_dropout_and_is_not_charged(fed_root, tmp_path):
+    run_dir = tmp_path / "run"
+    state = simulate(_settings(fed_root, run_dir, name="faulty", **{"fail-client": "client_1", "fail-round": 1}))
+    assert state["completed_round"] == 2
+    first, second = state["rounds"]
+    assert first["valid"] == 2 and len(first["dropouts"]) == 1 and "fault injected" in first["dropouts"][0]["reason"]
+    assert second["valid"] == 3 and not second["dropouts"]
+    assert _charges(run_dir / "ledgers" / "client_1.json") == ["faulty/round-2"]
+    assert _charges(run_dir / "ledgers" / "client_0.json") == ["faulty/round-1", "faulty/round-2"]
+
+
+def test_server_killed_mid_run_resumes_and_charges_each_round_once(fed_root, tmp_path):
+    run_dir = tmp_path / "run"
+    sets = [f"{k}={v}" for k, v in fed_overrides(fed_root, name="killed", rounds=3).items()]
+    command = [sys.executable, "-m", "common.cli", "simulate", "--config", str(CONFIG), "--run-dir", str(run_dir)]
+    for item in sets:
+        command += ["--set", item]
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "TQDM_DISABLE": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if RunDirectory(run_dir).exists() and RunDirectory(run_dir).load_state()["completed_round"] >= 1:
+                break
+            assert process.poll() is None, "the simulation ended before round 1 completed"
+            time.sleep(0.5)
+        else:
+            pytest.fail("round 1 did not complete in time")
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the server and its whole process group, mid-run
+        process.wait()
+    assert RunDirectory(run_dir).load_state()["completed_round"] < 3
+
+    rc = main(["simulate", "--config", str(CONFIG), "--run-dir", str(run_dir), "--resume"] +
+              [arg for item in sets for arg in ("--set", item)])
+    assert rc == 0
+    state = RunDirectory(run_dir).load_state()
+    assert state["completed_round"] == 3 and [r["round"] for r in state["rounds"]] == [1, 2, 3]
+    for i in range(3):
+        charges = _charges(run_dir / "ledgers" / f"client_{i}.json")
+        assert charges == ["killed/round-1", "killed/round-2", "killed/round-3"]
+
+
+def test_bad_config_fails_before_any_process_starts(fed_root, tmp_path, capsys):
+    for sets, message in ((["mode=magic"], "unknown mode"), (["epsilon=0"], "epsilon must be a positive"),
+                          (["data-dir=/nonexistent/corpus", "generate-data=false"], "missing data file"),
+                          (["clients=2", "min-clients=3"], "min-clients (3) is larger than clients (2)")):
+        argv = ["simulate", "--config", str(CONFIG), "--run-dir", str(tmp_path / "never"),
+                "--set", f"model-dir={fed_root / 'teacher'}"]
+        for item in sets:
+            argv += ["--set", item]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        assert not (tmp_path / "never" / "state.json").exists()

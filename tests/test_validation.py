@@ -1,0 +1,106 @@
+"""Server-side checks of client updates, and Flower's FedAvg on known tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from common.errors import ConfigError
+from common.settings import RunSettings
+from common.wire import from_array_record, to_array_record
+from server.validation import update_problem
+
+REFERENCE = {"a.lora_A.weight": np.zeros((4, 8), np.float32), "a.lora_B.weight": np.zeros((8, 4), np.float32)}
+
+
+def _update(**changes):
+    update = {k: v + 0.01 for k, v in REFERENCE.items()}
+    update.update(changes)
+    return update
+
+
+def test_valid_update_passes():
+    assert update_problem(_update(), REFERENCE, "float32", max_norm=1.0) is None
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_rejects_non_finite(bad):
+    tensor = np.zeros((4, 8), np.float32)
+    tensor[1, 2] = bad
+    assert "non-finite" in update_problem(_update(**{"a.lora_A.weight": tensor}), REFERENCE, "float32", 1.0)
+
+
+def test_rejects_wrong_shape():
+    problem = update_problem(_update(**{"a.lora_A.weight": np.zeros((4, 9), np.float32)}), REFERENCE, "float32", 1.0)
+    assert "shape (4, 9)" in problem
+
+
+def test_rejects_unknown_tensor():
+    problem = update_problem(_update(**{"b.lora_A.weight": np.zeros((4, 8), np.float32)}), REFERENCE, "float32", 1.0)
+    assert "unknown tensor" in problem and "b.lora_A.weight" in problem
+
+
+def test_rejects_missing_tensor():
+    update = _update()
+    del update["a.lora_B.weight"]
+    assert "missing tensor" in update_problem(update, REFERENCE, "float32", 1.0)
+
+
+def test_rejects_wrong_dtype():
+    update = _update(**{"a.lora_B.weight": np.zeros((8, 4), np.float64)})
+    assert "dtype float64" in update_problem(update, REFERENCE, "float32", 1.0)
+    assert "dtype float32" in update_problem(_update(), REFERENCE, "float16", 1.0)
+
+
+def test_rejects_absurd_norm():
+    update = _update(**{"a.lora_A.weight": np.full((4, 8), 1e6, np.float32)})
+    assert "exceeds the bound" in update_problem(update, REFERENCE, "float32", max_norm=50.0)
+
+
+@pytest.fixture
+def flower_identity():
+    # Messages are stamped with the run/node identity Flower's runtime normally sets.
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, getattr(TaskIdentity, "_node_id", None), getattr(TaskIdentity, "_task_id", None))
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def test_fedavg_gives_weighted_mean_of_known_tensors(flower_identity):
+    values = [(np.full((2, 3), 1.0, np.float32), 10), (np.full((2, 3), 4.0, np.float32), 20),
+              (np.arange(6, dtype=np.float32).reshape(2, 3), 30)]
+    replies = []
+    for i, (tensor, examples) in enumerate(values):
+        request = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=i + 1, message_type=MessageType.TRAIN)
+        content = RecordDict({"arrays": to_array_record({"w": tensor}),
+                              "metrics": MetricRecord({"num-examples": examples, "train-loss": float(i)})})
+        replies.append(Message(content, reply_to=request))
+    arrays, metrics = FedAvg().aggregate_train(1, replies)
+    expected = sum(t * n for t, n in values) / sum(n for _, n in values)
+    np.testing.assert_allclose(from_array_record(arrays)["w"], expected, rtol=1e-6)
+    assert metrics["train-loss"] == pytest.approx((0 * 10 + 1 * 20 + 2 * 30) / 60)
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"mode": "dp-magic"}, "unknown mode"),
+    ({"epsilon": 0.0}, "epsilon must be a positive"),
+    ({"epsilon": -1.0}, "epsilon must be a positive"),
+    ({"clients": 3, "min-clients": 4}, "min-clients (4) is larger than clients (3)"),
+    ({"wire-dtype": "bfloat16"}, "wire-dtype"),
+    ({"bogus-key": 1}, "unknown setting"),
+])
+def test_bad_settings_fail_with_clear_message(changes, message):
+    with pytest.raises(ConfigError) as err:
+        RunSettings.from_flat(changes)
+    assert message in str(err.value)
+
+
+def test_missing_data_path_fails_before_anything_starts(tmp_path):
+    settings = RunSettings.from_flat({"clients": 2, "min-clients": 1, "data-dir": str(tmp_path / "nope"),
+                                      "model-dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="missing data file .*client_0"):
+        settings.check_paths()
