@@ -88,11 +88,11 @@ def make_timing_mod(path: str):
 
         import torch as _torch
 
-        start = _time.time()
+        start, cpu = _time.time(), _time.process_time()
         reply = call_next(msg, context)
-        end = _time.time()
+        end, cpu = _time.time(), _time.process_time() - cpu
         record = {"type": str(msg.metadata.message_type), "node": context.node_config.get("partition-id"),
-                  "start": start, "end": end, "pid": _os.getpid(), "threads": _torch.get_num_threads()}
+                  "start": start, "end": end, "cpu": cpu, "pid": _os.getpid(), "threads": _torch.get_num_threads()}
         with open(path, "a", encoding="utf-8") as f:
             f.write(_json.dumps(record) + "\n")
         return reply
@@ -265,7 +265,8 @@ def _run_baseline(settings, out_dir: Path, mode: str) -> dict:
     sample_cpu = CpuSampler()
     sample_cpu.start()
     load0 = load_average()
-    timings = {"init_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "fedavg_s": 0.0, "rounds_s": []}
+    timings = {"init_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "fedavg_s": 0.0, "rounds_s": [],
+               "train_cpu_s": 0.0, "eval_cpu_s": 0.0}
     started = time.perf_counter()
     t = time.perf_counter()
     model, _ = load_lora_model(settings.model_dir, cfg)  # = server_app.initial_adapter
@@ -274,9 +275,10 @@ def _run_baseline(settings, out_dir: Path, mode: str) -> dict:
     timings["init_s"] += time.perf_counter() - t
 
     def evaluate(adapter) -> float:
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         ppl = [heldout_perplexity(settings.model_dir, data / c / "heldout.jsonl", cfg, adapter) for c in clients]
         timings["eval_s"] += time.perf_counter() - t
+        timings["eval_cpu_s"] += time.process_time() - cpu
         return float(np.exp(sum(n * np.log(p) for p, n in ppl) / sum(n for _, n in ppl)))
 
     perplexities = [evaluate(adapter)]
@@ -284,10 +286,11 @@ def _run_baseline(settings, out_dir: Path, mode: str) -> dict:
         round_start = time.perf_counter()
         results = []
         for c in clients:
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             results.append(train_dp_lora(settings.model_dir, data / c / "train.jsonl", cfg, ledgers[c],
                                          settings.name, server_round, adapter))
             timings["train_s"] += time.perf_counter() - t
+            timings["train_cpu_s"] += time.process_time() - cpu
         t = time.perf_counter()
         weights = np.array([r.metrics["examples"] for r in results], dtype=np.float64)
         weights /= weights.sum()
@@ -328,6 +331,7 @@ def run_sim(settings, run_dir: Path, mode: str) -> dict:
     for call in calls:
         kind = "train" if "train" in call["type"] else "evaluate" if "evaluate" in call["type"] else call["type"]
         by_type[kind] = by_type.get(kind, 0.0) + call["end"] - call["start"]
+        by_type[kind + "_cpu"] = by_type.get(kind + "_cpu", 0.0) + call["cpu"]
     first, last = min(c["start"] for c in calls), max(c["end"] for c in calls)
     busy, covered_until = 0.0, first  # union of the handler intervals
     for call in sorted(calls, key=lambda c: c["start"]):
@@ -342,6 +346,7 @@ def run_sim(settings, run_dir: Path, mode: str) -> dict:
         "no_handler_s": (last - first) - busy, "ray_init_s": marks.seconds.get("ray.init", float("nan")),
         "initial_adapter_s": marks.seconds.get("initial_adapter", float("nan")),
         "handler_train_s": by_type.get("train", 0.0), "handler_eval_s": by_type.get("evaluate", 0.0),
+        "train_cpu_s": by_type.get("train_cpu", 0.0), "eval_cpu_s": by_type.get("evaluate_cpu", 0.0),
         "handler_calls": len(calls), "actors": len({c["pid"] for c in calls}),
         "actor_threads": sorted({c["threads"] for c in calls}),
         "rounds_s": [r["seconds"] for r in state["rounds"]],
@@ -380,20 +385,24 @@ class time_calls:
             setattr(module, attr, original)
 
 
-def import_seconds() -> float:
-    """What a fresh Python process (e.g. a Ray actor) pays to import the ClientApp's modules."""
-    started = time.perf_counter()
+def import_seconds() -> tuple[float, float]:
+    """(wall, CPU) a fresh Python process (e.g. a Ray actor) pays to import the ClientApp's modules."""
+    import resource
+
+    started, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run([sys.executable, "-c", "import client.client_app"], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter() - started, (after.ru_utime + after.ru_stime) - (cpu.ru_utime + cpu.ru_stime)
 
 
-def plan_seconds(settings) -> float:
+def plan_seconds(settings) -> tuple[float, float]:
+    """(wall, CPU) of one ``plan_for`` (σ calibration)."""
     from client.dp_lora import plan_for
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     plan_for(Path(settings.data_dir) / "client_0" / "train.jsonl", settings.dp)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
 # ---------------------------------------------------------------------------- report
@@ -451,9 +460,9 @@ def print_report(args, results: list[dict], extra: dict, info: dict) -> None:
     print("start-up: simulate() call → first handler starts (Ray init, actor processes, imports, the server's "
           "initial adapter); shut-down: last handler ends → simulate() returns. 'excl. start/shut-down' = "
           "(wall − start-up − shut-down) / baseline wall.")
-    print(f"a fresh process importing client.client_app: {extra['import_s']:.1f} s; one plan_for (σ calibration) "
-          f"{extra['plan_s']:.2f} s — run_round calls it once more than the baseline, {args.clients * args.rounds} "
-          f"times per simulation")
+    print(f"a fresh process importing client.client_app: {extra['import_s']:.1f} s ({extra['import_cpu_s']:.1f} "
+          f"CPU s); one plan_for (σ calibration) {extra['plan_s']:.2f} s ({extra['plan_cpu_s']:.2f} CPU s) — "
+          f"run_round calls it once more than the baseline, {args.clients * args.rounds} times per simulation")
     sims = [r for r in results if r["mode"] not in BASELINES]
     if sims:
         print()
@@ -474,6 +483,18 @@ def print_report(args, results: list[dict], extra: dict, info: dict) -> None:
         if r["mode"] in BASELINES:
             print(f"({r['mode']}: {r['wall_s']:.1f} s = initial adapter {r['init_s']:.1f} + train "
                   f"{r['train_s']:.1f} + eval {r['eval_s']:.1f} + FedAvg {r['fedavg_s']:.2f})")
+    print()
+    print("CPU seconds (less sensitive to other load on the machine than wall time):")
+    header = ("pass", "all processes", "in train", "in eval", "rest (imports, Ray, server, I/O)", "× vs")
+    rows = []
+    for r in results:
+        total = sum(r["cpu_s"].values())
+        base = r if r["mode"] in BASELINES else baseline_for(r)
+        base_total = sum(base["cpu_s"].values()) if base else float("nan")
+        rows.append((r["mode"], f"{total:.1f}", f"{r['train_cpu_s']:.1f}", f"{r['eval_cpu_s']:.1f}",
+                     f"{total - r['train_cpu_s'] - r['eval_cpu_s']:.1f}",
+                     f"{total / base_total:.2f} ({base['mode']})" if base else "–"))
+    print_table(header, rows)
     print()
     print("CPU seconds by process (psutil, sampled every 0.5 s):")
     kinds = sorted({k for r in results for k in r["cpu_s"]})
@@ -522,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     passes_dir = args.work_dir / f"passes-{stamp}"
     passes_dir.mkdir(parents=True)
     base_settings = settings_for(args, data_dir, model_dir)
-    extra = {"import_s": import_seconds(), "plan_s": plan_seconds(base_settings),
+    (import_s, import_cpu_s), (plan_s, plan_cpu_s) = import_seconds(), plan_seconds(base_settings)
+    extra = {"import_s": import_s, "import_cpu_s": import_cpu_s, "plan_s": plan_s, "plan_cpu_s": plan_cpu_s,
              "batch_size": base_settings.dp.batch_size, "max_length": base_settings.dp.max_length,
              "params": sum(p.numel() for p in build_model(model_dir).parameters())}
     results = []
@@ -542,10 +564,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(passes_dir, ignore_errors=True)
     torch.set_num_threads(info["torch_threads"])
-    print_report(args, results, extra, info)
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "args": {k: str(v) for k, v in vars(args).items()},
                                          "extra": extra, "setup": setup, "results": results}, indent=2) + "\n")
+    print_report(args, results, extra, info)
     return 0
 
 

@@ -17,11 +17,12 @@ import safetensors
 import safetensors.numpy
 import torch
 from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from common.data.loading import load_records
 from common.atomic import atomic_write_bytes
+from common.data.loading import load_records
 from common.errors import BudgetExceeded, ConfigError
 from common.models.build import add_lora, adapter_state, build_model, load_adapter_state, pick_device
 from common.models.lm import encode_texts, per_record_loss, perplexity
@@ -48,6 +49,7 @@ class DPLoRAConfig:
     lora_dropout: float = 0.0
     lora_targets: list[str] | None = None
     seed: int = 0                     # LoRA initialisation only; DP noise is never seeded
+    private: bool = True              # False: no clipping/noise, ε = ∞ (audit baselines only)
     text_field: str = "text"
     device: str | None = None
 
@@ -107,34 +109,44 @@ def plan_for(train_path: str | Path, cfg: DPLoRAConfig) -> tuple[list[str], DPSG
     return texts, plan
 
 
-def train_dp_lora(model_dir: str | Path, train_path: str | Path, cfg: DPLoRAConfig, ledger: PrivacyLedger,
+def train_dp_lora(model_dir: str | Path, train_path: str | Path, cfg: DPLoRAConfig, ledger: PrivacyLedger | None,
                   run_id: str, round_id: int, adapter: dict[str, np.ndarray] | None = None,
                   save_to: str | Path | None = None, progress: bool = False) -> LocalResult:
-    """Run ``cfg.local_steps`` DP-SGD steps on the LoRA adapters and charge the ledger once."""
+    """Run ``cfg.local_steps`` DP-SGD steps on the LoRA adapters and charge the ledger once.
+
+    With ``cfg.private = False`` (audit baselines only) the same steps run without clipping
+    or noise and nothing is charged: the result has no privacy guarantee (ε = ∞).
+    """
     texts, plan = plan_for(train_path, cfg)
     charge = DPSGDCharge(plan.noise_multiplier, plan.sample_rate, cfg.local_steps, plan.max_grad_norm)
     charge_id = f"{run_id}/round-{round_id}"
-    ledger.check(charge, charge_id)  # refuses before any training when over budget
+    if cfg.private:
+        ledger.check(charge, charge_id)  # refuses before any training when over budget
 
     model, tokenizer = load_lora_model(model_dir, cfg, adapter)
     dataset = encode_texts(texts, tokenizer, cfg.max_length)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     torch.seed()  # DP noise and Poisson sampling must not be predictable from the config's seed
-    _, private_model, optimizer, loader = make_private(model, optimizer, dataset, cfg.batch_size, plan)
+    if cfg.private:
+        _, trained, optimizer, loader = make_private(model, optimizer, dataset, cfg.batch_size, plan)
+        batches = _physical_batches(loader, optimizer, cfg.max_physical_batch_size)
+    else:
+        trained, batches = model, _shuffled_batches(dataset, cfg.batch_size)
     device = next(model.parameters()).device
 
-    private_model.train()
+    trained.train()
     history: list[float] = []   # mean train loss of each logical step
     step_losses: list[float] = []
-    with tqdm(total=cfg.local_steps, desc=f"DP-SGD round {round_id}", disable=not progress) as bar:
-        for input_ids, mask in _physical_batches(loader, optimizer, cfg.max_physical_batch_size):
+    with tqdm(total=cfg.local_steps, desc=f"{'DP-SGD' if cfg.private else 'NON-PRIVATE'} round {round_id}",
+              disable=not progress) as bar:
+        for input_ids, mask in batches:
             if input_ids.numel():  # an empty Poisson batch still takes a (noise-only) step
-                loss = per_record_loss(private_model, input_ids.to(device), mask.to(device)).mean()
+                loss = per_record_loss(trained, input_ids.to(device), mask.to(device)).mean()
                 loss.backward()
                 step_losses.append(loss.item())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if optimizer._is_last_step_skipped:  # one physical slice of a larger logical batch
+            if getattr(optimizer, "_is_last_step_skipped", False):  # a physical slice of a logical batch
                 continue
             history.append(float(np.mean(step_losses)) if step_losses else float("nan"))
             step_losses = []
@@ -143,7 +155,8 @@ def train_dp_lora(model_dir: str | Path, train_path: str | Path, cfg: DPLoRAConf
             if len(history) == cfg.local_steps:
                 break
 
-    ledger.charge(charge_id, charge, run_id=run_id, round=round_id)
+    if cfg.private:
+        ledger.charge(charge_id, charge, run_id=run_id, round=round_id)
     if save_to is not None:
         model.save_pretrained(save_to)
     finite = [h for h in history if math.isfinite(h)]
@@ -151,12 +164,18 @@ def train_dp_lora(model_dir: str | Path, train_path: str | Path, cfg: DPLoRAConf
         "train_loss": float(np.mean(finite)) if finite else float("nan"),
         "examples": len(texts),
         "steps": cfg.local_steps,
-        "noise_multiplier": plan.noise_multiplier,
+        "noise_multiplier": plan.noise_multiplier if cfg.private else 0.0,
         "sample_rate": plan.sample_rate,
-        "epsilon_spent": ledger.spent_epsilon(),
-        "epsilon_remaining": ledger.remaining_epsilon(),
+        "epsilon_spent": ledger.spent_epsilon() if cfg.private else math.inf,
+        "epsilon_remaining": ledger.remaining_epsilon() if cfg.private else 0.0,
     }
     return LocalResult(adapter_state(model), metrics, plan, history)
+
+
+def _shuffled_batches(dataset, batch_size: int):
+    """Endless shuffled batches for the non-private baseline."""
+    while True:
+        yield from DataLoader(dataset, batch_size=batch_size, shuffle=True)
 
 
 # ---------------------------------------------------------------------------- federated round
@@ -180,6 +199,11 @@ def run_round(site: Site, cfg: DPLoRAConfig, run_name: str, server_round: int,
     is sent again (re-sending the same bytes costs no privacy). A site over budget refuses.
     """
     _, plan = plan_for(site.train_path, cfg)
+    if not cfg.private:
+        result = train_dp_lora(site.model_dir, site.train_path, cfg, None, run_name, server_round, global_adapter)
+        return result.adapter, {"num-examples": result.metrics["examples"], "train-loss": result.metrics["train_loss"],
+                                "noise-multiplier": 0.0, "epsilon-spent": math.inf, "epsilon-remaining": 0.0,
+                                "refused": 0, "replayed": 0}, ""
     ledger = PrivacyLedger.open(site.ledger_path, site.client_id, site.epsilon_budget, plan.delta, cfg.accountant)
     charge_id = f"{run_name}/round-{server_round}"
     release = site.ledger_path.parent / f"{site.ledger_path.stem}.releases" / f"{run_name}-round-{server_round}.safetensors"

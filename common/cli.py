@@ -6,9 +6,8 @@ mounts them and turns a ``UserError`` into one line on stderr and exit code 2.
 
 from __future__ import annotations
 
-import sys
-
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,8 +17,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.errors import UserError
 from common.data.cli import data_app
+from common.errors import UserError
 
 console = Console()
 
@@ -131,6 +130,25 @@ def simulate_command(
     report(simulate(settings), settings, console)
 
 
+@app.command("audit")
+def audit_command(
+    run: Path = typer.Option(..., help="A run directory written by `privdistill simulate`."),
+    models: list[str] = typer.Option([], "--models", help="More models: LABEL=RUN_DIR or LABEL=MODEL_DIR."),
+    fpr: list[float] = typer.Option([], "--fpr", help="FPRs for TPR@FPR (default 1% and 0.1%, where resolvable)."),
+    max_records: int = typer.Option(500, min=10, help="Members and non-members scored (each, at most)."),
+    candidates: int = typer.Option(500, min=10, help="Random secrets per canary for exposure."),
+    block_sigma: float = typer.Option(0.01, min=0.0, help="σ of the per-block weight perturbation."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Measure what the run's models leak: canary exposure, membership inference, extraction, per-block risk."""
+    from common.audit.report import markdown
+    from common.audit.run import run_audit
+
+    report = run_audit(run, models, tuple(fpr) or None, max_records, candidates, block_sigma, seed=seed)
+    console.print(markdown(report), markup=False, highlight=False)
+    console.print(f"written: {run / 'audit.json'}, {run / 'audit.md'}, roc.png, blocks.png, privacy_card.md")
+
+
 @app.command("demo")
 def demo(name: str = typer.Option("demo", help="Run name: everything goes under runs/NAME/."),
          epsilon: float = typer.Option(8.0, help="Target ε."),
@@ -212,7 +230,8 @@ def _exec_tool(argv: list[str], env: dict) -> None:
 @app.command("server")
 def server_command(
     port: int = typer.Option(9092, help="The SuperLink's one HTTPS port (Fleet, Control and Runtime APIs)."),
-    certs: Optional[Path] = typer.Option(None, help="Directory from `privdistill certs` (ca.crt, server.pem, server.key)."),
+    certs: Optional[Path] = typer.Option(None, help="Directory from `privdistill certs` "
+                                                    "(ca.crt, server.pem, server.key)."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP, no TLS: local tests only."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for all interfaces)."),
     database: Optional[Path] = typer.Option(None, help="SuperLink state file (default: in memory)."),
@@ -279,9 +298,14 @@ def run_command(
     flwr_home: Optional[Path] = typer.Option(None, help="Flower's config directory (default $FLWR_HOME or ~/.flwr)."),
     connection: str = typer.Option("privdistill", help="Name of the connection entry in FLWR_HOME/config.toml."),
 ) -> None:
-    """Submit the privdistill app to a running SuperLink and stream its logs (`flwr run`)."""
+    """Submit the privdistill app to a running SuperLink, stream its log (`flwr run`), report its status.
+
+    Exit code 0 only when the run finished as completed (`flwr run` itself exits 0 even when
+    the ServerApp failed); 1 when it failed or was stopped.
+    """
     from common.deploy import (REPO_DIR, app_run_config, check_app_dir, flwr_home as resolve_home,
-                               flwr_run_command, parse_address, parse_config, tool_env, write_connection)
+                               flwr_run_command, parse_address, parse_config, run_and_report, tool_env,
+                               write_connection)
     from common.settings import RunSettings
 
     parse_address(server, "--server")
@@ -291,13 +315,19 @@ def run_command(
         raise UserError(f"--ca-cert {ca_cert} not found; copy ca.crt from the server admin (`privdistill certs`)")
     app_dir = check_app_dir(REPO_DIR)
     overrides = parse_config(run_config)
-    RunSettings.from_flat({**app_run_config(app_dir), **overrides})  # unknown keys / bad values: fail here
+    settings = RunSettings.from_flat({**app_run_config(app_dir), **overrides})  # bad keys/values: fail here
+    for key, value in (("run-dir", settings.run_dir), ("model-dir", settings.model_dir)):
+        if value and not Path(value).is_absolute():
+            print(f"warning: {key}={value!r} is relative: the server resolves it against the SuperLink's working "
+                  f"directory; pass an absolute path in --run-config", file=sys.stderr)
     home = resolve_home(flwr_home)
     path = write_connection(home, server, ca_cert=ca_cert, insecure=insecure, name=connection)
     console.print(f"connection {connection!r} → {server} written to {path}", markup=False, highlight=False)
     argv = flwr_run_command(connection, run_config, app_dir=app_dir)
     console.print(" ".join(argv), markup=False, highlight=False)
-    _exec_tool(argv, tool_env(home))
+    code = run_and_report(argv, tool_env(home), connection)
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

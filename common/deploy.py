@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import math
 import os
 import re
+import subprocess
+import sys
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -389,8 +393,6 @@ def write_connection(home: str | Path, address: str, ca_cert: str | Path | None 
 def tool_env(home: str | Path | None = None) -> dict:
     """Environment for the Flower processes: this venv's bin first on PATH (the SuperLink and
     SuperNode start ``flower-superexec`` / ``flwr-*app`` by name), FLWR_HOME when given."""
-    import sys
-
     env = dict(os.environ)
     bin_dir = str(Path(sys.executable).parent)
     if bin_dir not in env.get("PATH", "").split(os.pathsep):
@@ -399,3 +401,60 @@ def tool_env(home: str | Path | None = None) -> dict:
         env["FLWR_HOME"] = str(home)
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     return env
+
+
+# ---------------------------------------------------------------------------- submitting a run
+_STARTED = re.compile(r"Successfully started run (\d+)")
+
+
+def run_status(connection: str, run_id: str, env: dict) -> str:
+    """``flwr ls CONNECTION --run-id ID``'s status, e.g. ``finished:completed`` ("" if unknown)."""
+    try:
+        out = subprocess.run(["flwr", "ls", connection, "--run-id", str(run_id), "--format", "json"], env=env,
+                             capture_output=True, text=True, timeout=120).stdout
+        runs = json.loads(out[out.index("{"):]).get("runs") or []
+        return str(runs[0].get("status", "")) if runs else ""
+    except (OSError, ValueError, subprocess.SubprocessError, AttributeError):
+        return ""
+
+
+def run_and_report(argv: list[str], env: dict, connection: str, out=None) -> int:
+    """Run ``flwr run ... --stream`` with its output passed through, then check how the run
+    ended: 0 = ``finished:completed``, 1 = anything else, 130 = interrupted here (the run
+    itself goes on at the SuperLink)."""
+    out = out or sys.stdout
+    run_id = None
+    proc = subprocess.Popen(argv, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
+    try:
+        for line in proc.stdout:
+            out.write(line)
+            out.flush()
+            match = run_id is None and _STARTED.search(line)
+            if match:
+                run_id = match.group(1)
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.wait()
+        print(f"\ninterrupted: run {run_id or '?'} goes on at the SuperLink; stop it with "
+              f"`flwr stop {run_id or '<run-id>'} {connection}`", file=sys.stderr)
+        return 130
+    finally:
+        if proc.stdout:
+            proc.stdout.close()
+    if run_id is None:
+        print(f"error: `flwr run` exited with code {code} before the run started (see its output above)",
+              file=sys.stderr)
+        return code or 1
+    status = ""
+    for _ in range(10):  # the status turns finished:* just after the log stream ends
+        status = run_status(connection, run_id, env)
+        if status.startswith("finished") or not status:
+            break
+        time.sleep(1.0)
+    if status == "finished:completed":
+        print(f"run {run_id}: {status}", file=out)
+        return 0
+    print(f"error: run {run_id} ended as {status or 'unknown (flwr ls failed)'}; see the log above or "
+          f"`flwr log {run_id} {connection} --show`", file=sys.stderr)
+    return 1

@@ -56,6 +56,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
         state["adapter"] = run.save_adapter(0, global_adapter)
         run.commit(state)
 
+    wait_for_nodes(grid, settings.clients, timeout=settings.round_timeout)
     strategy = FedAvg(fraction_train=settings.fraction_train, fraction_evaluate=1.0,
                       min_train_nodes=settings.min_clients, min_evaluate_nodes=settings.min_clients,
                       min_available_nodes=settings.min_clients)
@@ -104,11 +105,26 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     return state
 
 
+def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> int:
+    """Give every expected site a chance to connect before the first sampling (FedAvg itself
+    only waits for min-clients, and would otherwise sample whoever connected first)."""
+    deadline = time.monotonic() + timeout
+    connected = len(list(grid.get_node_ids()))
+    while connected < expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+        connected = len(list(grid.get_node_ids()))
+    if connected < expected:
+        log(WARNING, "%d of %d expected sites connected after %.0fs; continuing", connected, expected, timeout)
+    return connected
+
+
 def sort_train_replies(messages: list[Message], replies: list[Message], global_adapter, settings) -> dict:
     """Split replies into valid updates and counted failures; convert valid ones to float32."""
     answered = {reply.metadata.src_node_id for reply in replies}
     dropouts = [{"node": m.metadata.dst_node_id, "reason": "no reply before the round timeout"}
                 for m in messages if m.metadata.dst_node_id not in answered]
+    for dropout in dropouts:
+        log(WARNING, "node %s dropped out: %s", dropout["node"], dropout["reason"])
     valid, rejected, refused, epsilon = [], [], [], {}
     for reply in replies:
         node = reply.metadata.src_node_id

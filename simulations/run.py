@@ -57,6 +57,9 @@ def simulate(settings: RunSettings, client_mods: tuple = ()) -> dict:
     }
     run_simulation(server_app=build_server_app(run_config), client_app=build_client_app(run_config, client_mods),
                    num_supernodes=settings.clients, backend_config=backend_config)
+    from common.audit.report import write_privacy_card
+
+    write_privacy_card(Path(settings.run_dir))
     return RunDirectory(settings.run_dir).load_state()
 
 

@@ -28,6 +28,6 @@ def fed_overrides(root, **changes) -> dict:
     """Small, fast settings for 3 simulated sites on the session corpus."""
     overrides = {"clients": 3, "rounds": 2, "min-clients": 2, "local-steps": 4, "batch-size": 16,
                  "data-dir": str(root / "corpus"), "model-dir": str(root / "teacher"), "generate-data": False,
-                 "round-timeout": 300.0}
+                 "round-timeout": 900.0}
     overrides.update(changes)
     return overrides

@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from common import deploy
 from common.deploy import (CertPaths, flwr_run_command, format_config, generate_certificates, node_config,
-                           parse_address, superlink_command, supernode_command, tool_env, write_connection)
+                           parse_address, run_status, superlink_command, supernode_command, tool_env,
+                           write_connection)
 
 REPO = Path(__file__).resolve().parents[1]
 ROUNDS = 2
@@ -275,6 +279,20 @@ def test_cli_validates_before_starting(tmp_path, capsys):
     assert not (tmp_path / "h").exists()  # nothing written before validation passed
 
 
+def test_run_exit_code_follows_the_run_status(monkeypatch, capsys):
+    """`flwr run --stream` exits 0 even when the ServerApp failed: `privdistill run` asks `flwr ls`."""
+    fake_flwr = [sys.executable, "-c", "print('Successfully started run 42'); print('log line')"]
+    for status, code in (("finished:completed", 0), ("finished:failed", 1), ("finished:stopped", 1), ("", 1)):
+        monkeypatch.setattr(deploy, "run_status", lambda connection, run_id, env, s=status: s)
+        assert deploy.run_and_report(fake_flwr, dict(os.environ), "conn") == code, status
+        out, err = capsys.readouterr()
+        assert "log line" in out
+        assert (f"run 42: {status}" in out) if code == 0 else ("error: run 42 ended as" in err)
+    no_run = [sys.executable, "-c", "import sys; print('connection refused'); sys.exit(1)"]
+    assert deploy.run_and_report(no_run, dict(os.environ), "conn") == 1
+    assert "before the run started" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------- the real thing
 def test_two_sites_over_tls(tmp_path, processes):
     from common.privacy.ledger import PrivacyLedger
@@ -301,14 +319,15 @@ def test_two_sites_over_tls(tmp_path, processes):
         superlink_port, *node_ports = free_ports(3)
         address = f"127.0.0.1:{superlink_port}"
         argv = superlink_command(superlink_port, CertPaths.in_dir(certs.ca_cert.parent))
-        launched = [(f"superlink{attempt}", superlink_port, processes.start(f"superlink{attempt}", argv, env("superlink")))]
+        name = f"superlink{attempt}"
+        launched = [(name, superlink_port, processes.start(name, argv, env("superlink")))]
         for i, port in enumerate(node_ports):
             site = corpus / f"client_{i}"
             config = node_config(f"client_{i}", site / "train.jsonl", site / "heldout.jsonl", teacher, ledgers[i],
                                  EPSILON)
             argv = supernode_command(address, config, ca_cert=certs.ca_cert, port=port)
-            launched.append((f"supernode_{i}{attempt}", port, processes.start(f"supernode_{i}{attempt}", argv,
-                                                                               env(f"supernode_{i}"))))
+            name = f"supernode_{i}{attempt}"
+            launched.append((name, port, processes.start(name, argv, env(f"supernode_{i}"))))
         if attempt == 0:  # the processes boot while the data and the teacher are made (read per message)
             make_sites(corpus, teacher)
             mark("corpus and teacher ready")
@@ -342,8 +361,12 @@ def test_two_sites_over_tls(tmp_path, processes):
         pytest.fail(f"`flwr run` did not finish within {RUN_TIMEOUT}s\n{processes.logs()}")
     mark(f"flwr run exited with {flwr.returncode}")
 
-    state_path = run_dir / "state.json"
     assert flwr.returncode == 0, processes.logs()
+    started_run = re.search(r"Successfully started run (\d+)", processes.log("flwr_run", tail=1_000_000))
+    assert started_run, processes.logs()
+    assert run_status(connection, started_run.group(1), cli_env) == "finished:completed", processes.logs()
+
+    state_path = run_dir / "state.json"
     assert state_path.is_file(), f"no run state written\n{processes.logs()}"
     state = json.loads(state_path.read_text())
     assert state["completed_round"] == ROUNDS, processes.logs()

@@ -1,0 +1,169 @@
+"""`privdistill audit`: score every model of a run (and any others named) for leakage.
+
+Members are the sites' private training records (canaries excluded; they are scored by
+exposure and extraction); non-members are the sites' held-out records, drawn from the same
+distribution. The public warm-up model is the floor: it never saw any private record.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from common.audit import blocks, exposure, extraction, mia
+from common.audit.mia import AuditError
+from common.audit.scoring import token_logprobs
+from common.data.loading import load_records
+
+ATTACKS = ("loss", "zlib", "min-k", "reference")
+DEFAULT_FPRS = (0.01, 0.001)
+
+
+@dataclass
+class AuditTarget:
+    label: str
+    model_dir: Path
+    adapter: Path | None      # safetensors adapter (a run's global adapter) or None
+    epsilon: float | None     # None: never trained on private data (the floor); inf: no DP
+    delta: float | None = None
+    source: str = ""
+
+
+def run_targets(run_dir: Path, label: str | None = None) -> AuditTarget:
+    """A run directory's final global adapter, with ε and δ from its sites' ledgers."""
+    from common.privacy.ledger import PrivacyLedger
+
+    state = _state(run_dir)
+    settings = state["settings"]
+    ledgers = sorted((run_dir / "ledgers").glob("*.json"))
+    private = settings.get("private", True)
+    if private and not ledgers:
+        raise AuditError(f"{run_dir} has no ledgers/ directory with client ledgers; audit a run directory written by "
+                         "`privdistill simulate` (or copy the sites' ledgers into RUN_DIR/ledgers/)")
+    spent = [PrivacyLedger.load(p) for p in ledgers]
+    epsilon = max((l.spent_epsilon() for l in spent), default=0.0) if private else math.inf
+    delta = max((l.delta for l in spent), default=None) if private else None
+    name = label or (f"{settings.get('name', run_dir.name)} (DP ε={settings.get('epsilon')})" if private
+                     else f"{settings.get('name', run_dir.name)} (no DP)")
+    return AuditTarget(name, Path(settings["model-dir"]), run_dir / state["adapter"], epsilon, delta, str(run_dir))
+
+
+def parse_model_spec(spec: str) -> AuditTarget:
+    """``LABEL=PATH`` (or ``PATH``): a run directory (its final adapter) or a save_pretrained directory."""
+    label, sep, path = spec.partition("=")
+    path = Path(path if sep else label)
+    label = label if sep else path.name
+    if (path / "state.json").is_file():
+        return run_targets(path, label)
+    if (path / "config.json").is_file():
+        return AuditTarget(label, path, None, None, None, str(path))
+    raise AuditError(f"--models {spec!r}: {path} is neither a run directory (state.json) nor a model directory "
+                     "(config.json)")
+
+
+def _state(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "state.json").read_text())
+    except FileNotFoundError:
+        raise AuditError(f"{run_dir} has no state.json; pass a run directory written by `privdistill simulate`") from None
+
+
+def load_target(target: AuditTarget):
+    from client.dp_lora import DPLoRAConfig, load_lora_model
+    from common.models.build import build_model
+    import safetensors.numpy
+
+    tokenizer = AutoTokenizer.from_pretrained(target.model_dir)
+    if target.adapter is None:
+        return build_model(target.model_dir).eval(), tokenizer
+    settings = _state(Path(target.source))["settings"]
+    cfg = DPLoRAConfig(lora_r=int(settings.get("lora-r", 8)), lora_alpha=int(settings.get("lora-alpha", 16)))
+    model, _ = load_lora_model(target.model_dir, cfg, safetensors.numpy.load_file(str(target.adapter)))
+    return model.eval(), tokenizer
+
+
+def audit_data(run_dir: Path, max_records: int, seed: int) -> tuple[list[str], list[str], list[dict]]:
+    """Members, non-members (equal numbers, seeded sample) and the canaries of a run."""
+    settings = _state(run_dir)["settings"]
+    data_dir = Path(settings.get("data-dir", ""))
+    canary_file = data_dir / "canaries.json"
+    if not canary_file.is_file():
+        raise AuditError(f"{canary_file} not found: the audit needs the run's canaries; generate the corpus with "
+                         "`privdistill data generate` (it plants them) or plant canaries into a copy of your data")
+    canaries = json.loads(canary_file.read_text())["canaries"]
+    secrets = {c["text"] for c in canaries}
+    members, nonmembers = [], []
+    for i in range(int(settings.get("clients", 0))):
+        members += [r.text for r in load_records(data_dir / f"client_{i}" / "train.jsonl") if r.text not in secrets]
+        nonmembers += [r.text for r in load_records(data_dir / f"client_{i}" / "heldout.jsonl")]
+    members = list(dict.fromkeys(members))
+    mia.check_disjoint(members, nonmembers)
+    rng = np.random.default_rng(seed)
+    n = min(len(members), len(nonmembers), max_records)
+    pick = lambda texts: [texts[i] for i in sorted(rng.choice(len(texts), n, replace=False))]  # noqa: E731
+    return pick(members), pick(nonmembers), canaries
+
+
+def run_audit(run_dir: str | Path, extra: list[str] = (), fprs: tuple[float, ...] | None = None,
+              max_records: int = 500, candidates: int = 500, block_sigma: float = 0.01, block_seeds=(0, 1, 2),
+              seed: int = 0, progress: bool = True) -> dict:
+    run_dir = Path(run_dir)
+    members, nonmembers, canaries = audit_data(run_dir, max_records, seed)
+    requested = fprs is not None
+    fprs = tuple(fprs) if requested else DEFAULT_FPRS
+    if requested:
+        for fpr in fprs:
+            if len(nonmembers) * fpr < 1:
+                raise AuditError(f"TPR at {fpr:.3%} FPR needs at least {math.ceil(1 / fpr)} non-members; this run has "
+                                 f"{len(nonmembers)} held-out records. Ask for a larger FPR or hold out more records")
+    run = run_targets(run_dir)
+    floor = AuditTarget("public warm-up (floor)", run.model_dir, None, None, None, str(run.model_dir))
+    targets = [floor, run] + [parse_model_spec(s) for s in extra]
+
+    ref_model, ref_tok = load_target(floor)
+    ref_m, ref_n = (token_logprobs(ref_model, ref_tok, t) for t in (members, nonmembers))
+    rows = []
+    for target in tqdm(targets, desc="auditing models", disable=not progress):
+        model, tokenizer = load_target(target)
+        lp_m, lp_n = token_logprobs(model, tokenizer, members), token_logprobs(model, tokenizer, nonmembers)
+        scores = {}
+        for split, texts, lps, refs in (("m", members, lp_m, ref_m), ("n", nonmembers, lp_n, ref_n)):
+            scores[split] = {
+                "loss": [mia.loss_score(lp) for lp in lps],
+                "zlib": [mia.zlib_score(t, lp) for t, lp in zip(texts, lps)],
+                "min-k": [mia.min_k_score(lp, 0.2) for lp in lps],
+                "reference": [mia.reference_score(lp, ref) for lp, ref in zip(lps, refs)],
+            }
+        membership = mia.membership_report(scores["m"], scores["n"], fprs)
+        exposures = exposure.exposure_table(model, tokenizer, canaries, n_candidates=candidates, seed=seed)
+        extracted = extraction.extract_canaries(model, tokenizer, canaries, seed=seed)
+        records = extraction.record_extraction_rate(model, tokenizer, members)
+        per_block = blocks.per_block_auc(model, tokenizer, members[:200], nonmembers[:200], block_sigma, block_seeds)
+        rows.append({
+            "label": target.label, "source": target.source, "epsilon": target.epsilon, "delta": target.delta,
+            "membership": membership, "exposure": exposure.summarize_by_repeats(exposures),
+            "exposure_rows": exposures,
+            "extraction": {
+                "canaries_greedy": sum(e["greedy_hit"] for e in extracted),
+                "canaries_sampled": sum(e["sampled_hits"] > 0 for e in extracted),
+                "canaries": len(extracted),
+                "by_repeats": {str(r): sum(e["greedy_hit"] for e in extracted if e["repeats"] == r)
+                               for r in sorted({e["repeats"] for e in extracted})},
+                "records": records,
+            },
+            "blocks": per_block,
+            "roc": {a: [x.tolist() for x in mia.roc_points(scores["m"][a], scores["n"][a])[:2]] for a in ATTACKS},
+        })
+    report = {"run": str(run_dir), "members": len(members), "nonmembers": len(nonmembers),
+              "canaries": len(canaries), "fprs": list(fprs), "candidates": candidates,
+              "block_sigma": block_sigma, "block_seeds": list(block_seeds), "models": rows}
+    from common.audit.report import write_report
+
+    write_report(report, run_dir)
+    return report
