@@ -15,6 +15,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from client.wire_log import wire_capture_mod
+from common.audit.run import run_audit
 from common.cli import main
 from common.data.loading import load_records
 from common.privacy.ledger import PrivacyLedger
@@ -65,6 +66,16 @@ def test_three_clients_two_rounds_improve_and_leak_nothing(fed_root, tmp_path):
     planted = {"text": b"xx" + texts[3][10:60].encode() + b"yy", "ids": b"\x01" + np.array(ids, np.int64).tobytes()}
     found = find_leaks(planted, texts, tokenizer)
     assert any(f.startswith("text:") for f in found) and any(f.startswith("ids:") for f in found)
+
+    # The audit works on the run directory the product wrote.
+    report = run_audit(run_dir, max_records=40, candidates=50, block_seeds=(0,), progress=False)
+    assert [m["label"] for m in report["models"]][0] == "public warm-up (floor)"
+    assert report["models"][1]["epsilon"] == pytest.approx(max(state["rounds"][-1]["epsilon"].values()))
+    assert {0, 1, 4, 16} <= set(report["models"][1]["exposure"])
+    assert len(report["models"][1]["blocks"]) == 2
+    for name in ("audit.json", "audit.md", "roc.png", "blocks.png", "privacy_card.md"):
+        assert (run_dir / name).is_file(), name
+    assert "audit.md" in (run_dir / "privacy_card.md").read_text()
 
 
 def test_client_failure_counts_as_dropout_and_is_not_charged(fed_root, tmp_path):

@@ -56,8 +56,8 @@ def run_targets(run_dir: Path, label: str | None = None) -> AuditTarget:
 
 def parse_model_spec(spec: str) -> AuditTarget:
     """``LABEL=PATH`` (or ``PATH``): a run directory (its final adapter) or a save_pretrained directory."""
-    label, sep, path = spec.partition("=")
-    path = Path(path if sep else label)
+    label, sep, path = spec.rpartition("=")  # labels may contain "=" (e.g. "ε=2"); paths rarely do
+    path = Path(path)
     label = label if sep else path.name
     if (path / "state.json").is_file():
         return run_targets(path, label)
