@@ -50,7 +50,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
         log(INFO, "resuming %s after round %d of %d", run.path, state["completed_round"], settings.rounds)
     else:
         if run.exists():
-            raise ConfigError(f"{run.path} already holds a run; resume it (--resume) or pick another run directory")
+            raise ConfigError(f"{run.path} already holds a run; resume it (--resume, or resume=true in --run-config) or pick another run directory")
         state = run.new_state(settings.to_run_config())
         global_adapter = initial_adapter(settings)
         state["adapter"] = run.save_adapter(0, global_adapter)

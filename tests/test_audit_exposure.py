@@ -48,8 +48,17 @@ def filler_texts(n: int, rng: random.Random) -> list[str]:
             for _ in range(n)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is about as fast, and immune to oversubscription on a busy 2-CPU box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def memorised():
+def memorised(one_thread):
     """(model, tokenizer, never-seen canaries): the tiny GPT-2 memorises MEMORISED and LONG_RECORD."""
     rng = random.Random(0)
     texts = filler_texts(150, rng) + [MEMORISED["text"]] * 40 + [LONG_RECORD] * 20

@@ -35,7 +35,7 @@ def warmup_teacher(public_texts: list[str], out_dir: str | Path, spec: str = "ti
                         generator=torch.Generator().manual_seed(seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps,
-                                                   pct_start=0.1)
+                                                   pct_start=max(0.1, 2 / steps))
     model.train()
     step, loss = 0, float("nan")
     with tqdm(total=steps, desc="teacher warm-up (public data)", disable=not progress) as bar:
