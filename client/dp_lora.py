@@ -16,7 +16,6 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 import torch
-from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
@@ -244,6 +243,8 @@ def load_release(path: Path) -> tuple[dict[str, np.ndarray], dict]:
 
 def _physical_batches(loader, optimizer, max_physical_batch_size: int):
     """Endless physical batches over Poisson-sampled logical batches (one pass = one epoch)."""
+    from opacus.utils.batch_memory_manager import BatchMemoryManager  # lazy: evaluation never needs opacus
+
     while True:
         with BatchMemoryManager(data_loader=loader, max_physical_batch_size=max_physical_batch_size,
                                 optimizer=optimizer) as batches:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, Dataset
 
 from common.errors import ConfigError
@@ -68,6 +67,8 @@ def plan_dp_sgd(n_records: int, batch_size: int, steps_per_round: int, rounds: i
 def make_private(model, optimizer, dataset: Dataset, batch_size: int, plan: DPSGDPlan):
     """Wrap model/optimizer/loader with opacus: per-sample clipping of the trainable (LoRA)
     parameters, Gaussian noise σ·C, Poisson sampling at ``plan.sample_rate``."""
+    from opacus import PrivacyEngine  # lazy: importing opacus costs seconds in every evaluate process
+
     engine = PrivacyEngine(accountant=plan.accountant)
     loader = DataLoader(dataset, batch_size=batch_size)
     model, optimizer, loader = engine.make_private(
