@@ -3,9 +3,9 @@
 The statistical tests share one module-scoped model: a tiny GPT-2 trained with plain Adam
 on filler text that contains one canary 40 times and one long record 20 times. Thresholds
 (with the values observed when they were set):
-  memorised canary, extrapolated exposure > 20 bits                 (observed ~40 bits)
+  memorised canary, extrapolated exposure > 20 bits                 (observed ~48 bits)
   memorised canary, rank exposure == log2(n+1), i.e. rank 1         (the cap of the sampled estimate)
-  8 never-seen canaries, mean rank exposure < 4 bits                (observed ~1 bit; expectation
+  8 never-seen canaries, mean rank exposure < 4 bits                (observed 1.25 bits; expectation
       1/ln 2 ~ 1.44 bits with sd ~1.44/sqrt(8) ~ 0.5, so 4 bits is ~5 sd away)
 """
 
@@ -69,7 +69,7 @@ def memorised(one_thread):
                                          generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
-    for _ in range(12):  # 12 epochs of 14 steps
+    for _ in range(8):  # 8 epochs of 14 steps (4 already suffice: ~35 bits, greedy hit)
         for input_ids, mask in loader:
             per_record_loss(model, input_ids, mask).mean().backward()
             optimizer.step()
