@@ -11,6 +11,10 @@ Prints figures; asserts nothing. One process runs, side by side on the same corp
              examples, in numpy). Same ``DPLoRAConfig`` object as the simulation (σ calibrated for
              R rounds × S steps), same client files, one ledger per client. ``baseline`` runs at
              torch's default thread count (2 here), ``baseline1`` at one thread.
+  runround1  the same, one thread, but calling ``client.dp_lora.run_round`` (what the ClientApp's
+             train handler calls: ledger opened from its file, σ planned, ``train_dp_lora``, the
+             release file written) instead of ``train_dp_lora``: the app's own per-round cost
+             without Flower, so serial − runround1 is what Flower itself adds.
   sim modes  ``simulations.run.simulate`` (Flower's Simulation Engine, Ray backend, in-process
              ServerApp) on the same settings with C clients, R rounds, S local steps:
                parallel  num-cpus=2, client-cpus=1: two ClientApp actors run side by side, each
@@ -46,7 +50,7 @@ of passes run in the same invocation only.
 
 Usage (from the repository root):
 
-    .venv/bin/python benchmarks/flower_overhead.py        # baseline1,serial,baseline,parallel; 3 × 2 × 10
+    .venv/bin/python benchmarks/flower_overhead.py        # baseline1,runround1,serial,baseline,parallel; 3×2×10
     .venv/bin/python benchmarks/flower_overhead.py --clients 2 --rounds 1 --steps 3 --modes baseline,parallel
 """
 
@@ -73,8 +77,9 @@ SIM_MODES = {  # mode → (num-cpus, client-cpus)
     "serial": (1, 1.0),
     "serial2": (2, 2.0),
 }
-BASELINES = {"baseline": None, "baseline1": 1}  # mode → torch threads (None: torch's default)
-DEFAULT_MODES = "baseline1,serial,baseline,parallel"
+# mode → (torch threads (None: torch's default), call run_round instead of train_dp_lora)
+BASELINES = {"baseline": (None, False), "baseline1": (1, False), "runround1": (1, True)}
+DEFAULT_MODES = "baseline1,runround1,serial,baseline,parallel"
 
 
 # ---------------------------------------------------------------------------- measurement helpers
@@ -235,7 +240,8 @@ def settings_for(args, data_dir: Path, model_dir: Path, num_cpus: int = 2, clien
 
 
 # ---------------------------------------------------------------------------- the two sides
-def run_baseline(settings, out_dir: Path, mode: str = "baseline", threads: int | None = None) -> dict:
+def run_baseline(settings, out_dir: Path, mode: str = "baseline", threads: int | None = None,
+                 use_run_round: bool = False) -> dict:
     """The federation's work, sequentially, without Flower (see the module docstring)."""
     import numpy as np
     import torch
@@ -243,15 +249,15 @@ def run_baseline(settings, out_dir: Path, mode: str = "baseline", threads: int |
     default_threads = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads)
     try:
-        return _run_baseline(settings, out_dir, mode)
+        return _run_baseline(settings, out_dir, mode, use_run_round)
     finally:
         torch.set_num_threads(default_threads)
 
 
-def _run_baseline(settings, out_dir: Path, mode: str) -> dict:
+def _run_baseline(settings, out_dir: Path, mode: str, use_run_round: bool) -> dict:
     import numpy as np
 
-    from client.dp_lora import heldout_perplexity, load_lora_model, plan_for, train_dp_lora
+    from client.dp_lora import Site, heldout_perplexity, load_lora_model, plan_for, run_round, train_dp_lora
     from common.models.build import adapter_state
     from common.privacy.ledger import PrivacyLedger
 
@@ -287,15 +293,22 @@ def _run_baseline(settings, out_dir: Path, mode: str) -> dict:
         results = []
         for c in clients:
             t, cpu = time.perf_counter(), time.process_time()
-            results.append(train_dp_lora(settings.model_dir, data / c / "train.jsonl", cfg, ledgers[c],
-                                         settings.name, server_round, adapter))
+            if use_run_round:  # what the ClientApp's train handler calls: ledger file, σ, release file
+                site = Site(c, data / c / "train.jsonl", data / c / "heldout.jsonl",
+                            out_dir / "site-ledgers" / f"{c}.json", cfg.epsilon, Path(settings.model_dir))
+                update, metrics, _ = run_round(site, cfg, settings.name, server_round, adapter)
+                results.append((update, metrics["num-examples"]))
+            else:
+                result = train_dp_lora(settings.model_dir, data / c / "train.jsonl", cfg, ledgers[c],
+                                       settings.name, server_round, adapter)
+                results.append((result.adapter, result.metrics["examples"]))
             timings["train_s"] += time.perf_counter() - t
             timings["train_cpu_s"] += time.process_time() - cpu
         t = time.perf_counter()
-        weights = np.array([r.metrics["examples"] for r in results], dtype=np.float64)
+        weights = np.array([n for _, n in results], dtype=np.float64)
         weights /= weights.sum()
-        adapter = {k: sum(w * r.adapter[k].astype(np.float64) for w, r in zip(weights, results)).astype(np.float32)
-                   for k in results[0].adapter}
+        adapter = {k: sum(w * a[k].astype(np.float64) for w, (a, _) in zip(weights, results)).astype(np.float32)
+                   for k in results[0][0]}
         timings["fedavg_s"] += time.perf_counter() - t
         perplexities.append(evaluate(adapter))
         timings["rounds_s"].append(time.perf_counter() - round_start)
@@ -410,7 +423,7 @@ def plan_seconds(settings) -> tuple[float, float]:
 # actors side by side ↔ the sequential baseline at torch's default threads (both use 2 cores, as
 # the issue asks); one 1-thread client at a time ↔ the 1-thread baseline; one 2-thread client at a
 # time ↔ the default-threads baseline.
-MATCH = {"parallel": "baseline", "serial": "baseline1", "serial2": "baseline"}
+MATCH = {"parallel": "baseline", "serial": "baseline1", "serial2": "baseline", "runround1": "baseline1"}
 
 
 def print_table(header: tuple, rows: list[tuple]) -> None:
@@ -442,8 +455,11 @@ def print_report(args, results: list[dict], extra: dict, info: dict) -> None:
         rounds = " / ".join(f"{s:.1f}" for s in r["rounds_s"])
         load = f"{r['load_before']} → {r['load_after']}"
         if r["mode"] in BASELINES:
-            rows.append((f"{r['mode']} (no Flower, sequential)", "–", str(r["threads"]), f"{r['wall_s']:.1f}", "–",
-                         "1.00", "1.00", "–", "–", f"{r['train_s']:.1f}", f"{r['eval_s']:.1f}", rounds, load))
+            ref = by_mode.get(MATCH.get(r["mode"], ""))
+            ratio = f"{r['wall_s'] / ref['wall_s']:.2f}" if ref else "1.00"
+            rows.append((f"{r['mode']} (no Flower, sequential)", "–", str(r["threads"]), f"{r['wall_s']:.1f}",
+                         ref["mode"] if ref else "–", ratio, ratio, "–", "–", f"{r['train_s']:.1f}",
+                         f"{r['eval_s']:.1f}", rounds, load))
             continue
         base = baseline_for(r)
         steady = r["wall_s"] - r["startup_s"] - r["shutdown_s"]
@@ -464,6 +480,11 @@ def print_report(args, results: list[dict], extra: dict, info: dict) -> None:
           f"CPU s); one plan_for (σ calibration) {extra['plan_s']:.2f} s ({extra['plan_cpu_s']:.2f} CPU s) — "
           f"run_round calls it once more than the baseline, {args.clients * args.rounds} times per simulation")
     sims = [r for r in results if r["mode"] not in BASELINES]
+    if "runround1" in by_mode and "serial" in by_mode:
+        rr, sim = by_mode["runround1"], by_mode["serial"]
+        steady = sim["wall_s"] - sim["startup_s"] - sim["shutdown_s"]
+        print(f"serial simulation vs runround1 (the ClientApp's own work without Flower, same thread): "
+              f"× {sim['wall_s'] / rr['wall_s']:.2f}, excluding start-up/shut-down × {steady / rr['wall_s']:.2f}")
     if sims:
         print()
         print("where the simulation's wall time goes (seconds):")
@@ -489,7 +510,7 @@ def print_report(args, results: list[dict], extra: dict, info: dict) -> None:
     rows = []
     for r in results:
         total = sum(r["cpu_s"].values())
-        base = r if r["mode"] in BASELINES else baseline_for(r)
+        base = by_mode.get(MATCH.get(r["mode"], "")) or (r if r["mode"] in BASELINES else baseline_for(r))
         base_total = sum(base["cpu_s"].values()) if base else float("nan")
         rows.append((r["mode"], f"{total:.1f}", f"{r['train_cpu_s']:.1f}", f"{r['eval_cpu_s']:.1f}",
                      f"{total - r['train_cpu_s'] - r['eval_cpu_s']:.1f}",
@@ -553,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n=== {mode} (load average {load_average()}) ===", flush=True)
             if mode in BASELINES:
                 result = run_baseline(settings_for(args, data_dir, model_dir), passes_dir / mode, mode,
-                                      BASELINES[mode])
+                                      *BASELINES[mode])
             else:
                 num_cpus, client_cpus = SIM_MODES[mode]
                 result = run_sim(settings_for(args, data_dir, model_dir, num_cpus, client_cpus),

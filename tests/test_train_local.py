@@ -4,29 +4,14 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from common.cli import main
-from common.data.generate import generate_corpus
-from common.data.loading import load_records
-from common.models.warmup import warmup_teacher
 from common.privacy.ledger import PrivacyLedger
 
 
-@pytest.fixture(scope="module")
-def corpus_and_teacher(tmp_path_factory):
-    root = tmp_path_factory.mktemp("local")
-    generate_corpus(root / "corpus", n_clients=2, seed=3, public_records=300, train_per_client=160,
-                    heldout_per_client=40)
-    public = [r.text for r in load_records(root / "corpus" / "public.jsonl")]
-    warmup_teacher(public, root / "teacher", spec="tiny-gpt2", steps=60, progress=False)
-    return root
-
-
-def test_train_local_lowers_heldout_perplexity_within_budget(corpus_and_teacher, capsys):
-    root = corpus_and_teacher
+def test_train_local_lowers_heldout_perplexity_within_budget(fed_root, tmp_path, capsys):
+    root = fed_root  # the session's generated corpus and warmed-up tiny teacher
     site = root / "corpus" / "client_0"
-    out = root / "run"
+    out = tmp_path / "run"
     rc = main(["train-local", "--data", str(site / "train.jsonl"), "--model", str(root / "teacher"),
                "--epsilon", "8", "--steps", "30", "--heldout", str(site / "heldout.jsonl"), "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
