@@ -115,3 +115,21 @@ def test_labels_lengths_and_loading(corpus):
 def test_bad_arguments(tmp_path, kwargs, words):
     with pytest.raises(DataError, match=words):
         generate_corpus(tmp_path, **kwargs)
+
+
+def test_plant_canaries_into_a_users_own_file(tmp_path):
+    import json as _json
+
+    from common.cli import main
+    from common.data.loading import load_records
+
+    own = tmp_path / "notes.txt"
+    own.write_text("".join(f"Visit note {i}: patient stable, follow-up in {i % 7 + 1} weeks.\n" for i in range(40)))
+    assert main(["data", "plant-canaries", str(own), "--out", str(tmp_path / "planted"), "--seed", "3"]) == 0
+    doc = _json.loads((tmp_path / "planted" / "canaries.json").read_text())
+    rows = [r.text for r in load_records(tmp_path / "planted" / "train.jsonl")]
+    planted = [c for c in doc["canaries"] if c["repeats"]]
+    assert len(rows) == 40 + sum(c["repeats"] for c in planted) == 40 + 2 * (1 + 4 + 16)
+    for canary in doc["canaries"]:
+        assert [i for i, t in enumerate(rows) if t == canary["text"]] == canary["lines"]
+    assert own.read_text().count("\n") == 40  # the original is untouched

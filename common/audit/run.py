@@ -75,15 +75,16 @@ def _state(run_dir: Path) -> dict:
 
 
 def load_target(target: AuditTarget):
-    from client.dp_lora import DPLoRAConfig, load_lora_model
-    from common.models.build import build_model
     import safetensors.numpy
+
+    from client.dp_lora import load_lora_model
+    from common.models.build import build_model
+    from common.settings import RunSettings
 
     tokenizer = AutoTokenizer.from_pretrained(target.model_dir)
     if target.adapter is None:
         return build_model(target.model_dir).eval(), tokenizer
-    settings = _state(Path(target.source))["settings"]
-    cfg = DPLoRAConfig(lora_r=int(settings.get("lora-r", 8)), lora_alpha=int(settings.get("lora-alpha", 16)))
+    cfg = RunSettings.from_flat(_state(Path(target.source))["settings"]).dp  # the run's LoRA shape
     model, _ = load_lora_model(target.model_dir, cfg, safetensors.numpy.load_file(str(target.adapter)))
     return model.eval(), tokenizer
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.data.generate import generate_corpus
+from common.data.generate import generate_corpus, plant_canaries
 from common.data.loading import load_records, summarize
 from common.errors import DataError
 
@@ -87,6 +88,28 @@ def generate(
                   f"{counts['canaries_planted']} planted ({counts['canary_copies']} copies), "
                   f"{counts['canaries_heldout']} held out")
     Console().print(table)
+
+
+@data_app.command("plant-canaries")
+def plant(
+    path: Path = typer.Argument(..., help="Your private file (JSONL/CSV/TXT); it is not modified."),
+    out: Path = typer.Option(..., help="Directory for the copy (train.jsonl) and canaries.json."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="jsonl, csv or txt (default: from the suffix)."),
+    field: str = typer.Option("text", help="Text field / column."),
+    repeats: str = typer.Option("1,4,16", help="How many times each canary is planted (comma-separated)."),
+    per_repeat: int = typer.Option(2, min=1, help="Canaries per repeat count (as many are held out)."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Plant audit canaries into a copy of your own data; canaries.json says where (keep it private)."""
+    try:
+        counts = tuple(int(r) for r in repeats.split(","))
+    except ValueError:
+        raise DataError(f"--repeats {repeats!r} is not a comma-separated list of integers (e.g. 1,4,16)") from None
+    doc = plant_canaries(path, out, counts, per_repeat, seed, fmt, field)
+    planted = [c for c in doc["canaries"] if c["repeats"]]
+    Console().print(f"{out / 'train.jsonl'}: {len(planted)} canaries planted "
+                    f"({sum(c['repeats'] for c in planted)} copies); {len(doc['canaries']) - len(planted)} held out; "
+                    f"where they are: {out / 'canaries.json'}")
 
 
 def _load_tokenizer(directory: Path):

@@ -435,3 +435,35 @@ def _dump(obj) -> str:
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8", newline="\n")
+
+
+def plant_canaries(data_path, out_dir, repeats=(1, 4, 16), canaries_per_repeat: int = 2, seed: int = 0,
+                   fmt: str | None = None, field: str = "text") -> dict:
+    """Copy a user's own private file to ``out_dir/train.jsonl`` with canaries planted in it.
+
+    Same template and bookkeeping as the demo corpus: ``out_dir/canaries.json`` says which
+    canary is on which lines (and lists as many never-planted ones) for a later audit. Train
+    on the copy, keep canaries.json away from anything that is sent.
+    """
+    from common.data.loading import load_records
+
+    repeats = tuple(repeats)
+    if canaries_per_repeat < 1 or not repeats or any(r < 1 for r in repeats):
+        raise DataError("plant at least one canary per repeat count, with repeat counts ≥ 1 (e.g. 1,4,16)")
+    records = load_records(data_path, fmt=fmt, field=field)
+    out_dir = Path(out_dir)
+    fake = Faker("en_US")
+    fake.seed_instance(seed)
+    rng = random.Random(seed)
+    corpus_text = "\n".join(r.text for r in records)
+    names = (n for n in _unique_names(fake) if n not in corpus_text)  # canary people appear nowhere else
+    canaries = _draw_canaries(names, rng, repeats, canaries_per_repeat, 1, set())
+    rows = [{"text": r.text, "label": r.label} for r in records]
+    rows = _plant(rows, [c for c in canaries if c["client"] == 0], rng)
+    for canary in canaries:
+        if canary["client"] is not None:
+            canary["file"] = "train.jsonl"
+    _write(out_dir / "train.jsonl", "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))
+    doc = {"template": CANARY_TEMPLATE, "secret_digits": SECRET_DIGITS, "source": str(data_path), "canaries": canaries}
+    _write(out_dir / "canaries.json", _dump(doc))
+    return doc
