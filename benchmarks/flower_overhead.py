@@ -43,7 +43,9 @@ start − ``simulate()`` call, shut-down = ``simulate()`` return − last handle
 busy time of the clients. A sampler thread reads the CPU time of this process and of every
 process below it (Ray's gcs_server, raylet, workers/actors) every 0.5 s (psutil), so the CPU
 seconds per kind of process are shown (approximate: ≤ 0.5 s of a process's last CPU time may be
-missed when it exits between samples).
+missed when it exits between samples). The mod and the baseline also record the CPU time
+(``time.process_time``) spent inside train / evaluate, so the report splits CPU seconds into
+training, evaluation and the rest (imports, Ray, server).
 
 This machine may be shared: the load average before/after each pass is printed; compare ratios
 of passes run in the same invocation only.
@@ -243,7 +245,6 @@ def settings_for(args, data_dir: Path, model_dir: Path, num_cpus: int = 2, clien
 def run_baseline(settings, out_dir: Path, mode: str = "baseline", threads: int | None = None,
                  use_run_round: bool = False) -> dict:
     """The federation's work, sequentially, without Flower (see the module docstring)."""
-    import numpy as np
     import torch
 
     default_threads = torch.get_num_threads()

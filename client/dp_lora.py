@@ -110,13 +110,14 @@ def plan_for(train_path: str | Path, cfg: DPLoRAConfig) -> tuple[list[str], DPSG
 
 def train_dp_lora(model_dir: str | Path, train_path: str | Path, cfg: DPLoRAConfig, ledger: PrivacyLedger | None,
                   run_id: str, round_id: int, adapter: dict[str, np.ndarray] | None = None,
-                  save_to: str | Path | None = None, progress: bool = False) -> LocalResult:
+                  save_to: str | Path | None = None, progress: bool = False,
+                  planned: tuple[list[str], DPSGDPlan] | None = None) -> LocalResult:
     """Run ``cfg.local_steps`` DP-SGD steps on the LoRA adapters and charge the ledger once.
 
     With ``cfg.private = False`` (audit baselines only) the same steps run without clipping
     or noise and nothing is charged: the result has no privacy guarantee (ε = ∞).
     """
-    texts, plan = plan_for(train_path, cfg)
+    texts, plan = planned or plan_for(train_path, cfg)  # σ calibration costs seconds: reuse a plan
     charge = DPSGDCharge(plan.noise_multiplier, plan.sample_rate, cfg.local_steps, plan.max_grad_norm)
     charge_id = f"{run_id}/round-{round_id}"
     if cfg.private:
@@ -197,9 +198,11 @@ def run_round(site: Site, cfg: DPLoRAConfig, run_name: str, server_round: int,
     A round already charged in the ledger is never trained twice: the update released then
     is sent again (re-sending the same bytes costs no privacy). A site over budget refuses.
     """
-    _, plan = plan_for(site.train_path, cfg)
+    planned = plan_for(site.train_path, cfg)
+    plan = planned[1]
     if not cfg.private:
-        result = train_dp_lora(site.model_dir, site.train_path, cfg, None, run_name, server_round, global_adapter)
+        result = train_dp_lora(site.model_dir, site.train_path, cfg, None, run_name, server_round, global_adapter,
+                               planned=planned)
         return result.adapter, {"num-examples": result.metrics["examples"], "train-loss": result.metrics["train_loss"],
                                 "noise-multiplier": 0.0, "epsilon-spent": math.inf, "epsilon-remaining": 0.0,
                                 "refused": 0, "replayed": 0}, ""
@@ -217,7 +220,8 @@ def run_round(site: Site, cfg: DPLoRAConfig, run_name: str, server_round: int,
             f"round {server_round} of run {run_name!r} was already charged but its update was not kept; "
             "not training it twice")
     try:
-        result = train_dp_lora(site.model_dir, site.train_path, cfg, ledger, run_name, server_round, global_adapter)
+        result = train_dp_lora(site.model_dir, site.train_path, cfg, ledger, run_name, server_round, global_adapter,
+                               planned=planned)
     except BudgetExceeded as refusal:
         return global_adapter, {**metrics, "refused": 1}, str(refusal)
     metrics.update({"num-examples": result.metrics["examples"], "train-loss": result.metrics["train_loss"],
