@@ -205,13 +205,13 @@ def run_round(site: Site, cfg: DPLoRAConfig, run_name: str, server_round: int,
                                planned=planned)
         return result.adapter, {"num-examples": result.metrics["examples"], "train-loss": result.metrics["train_loss"],
                                 "noise-multiplier": 0.0, "epsilon-spent": math.inf, "epsilon-remaining": 0.0,
-                                "refused": 0, "replayed": 0}, ""
+                                "refused": 0, "replayed": 0, "unit-weight": 1}, ""
     ledger = PrivacyLedger.open(site.ledger_path, site.client_id, site.epsilon_budget, plan.delta, cfg.accountant)
     charge_id = f"{run_name}/round-{server_round}"
     release = site.ledger_path.parent / f"{site.ledger_path.stem}.releases" / f"{run_name}-round-{server_round}.safetensors"
     metrics = {"num-examples": 0, "train-loss": float("nan"), "noise-multiplier": plan.noise_multiplier,
                "epsilon-spent": ledger.spent_epsilon(), "epsilon-remaining": ledger.remaining_epsilon(),
-               "refused": 0, "replayed": 0}
+               "refused": 0, "replayed": 0, "unit-weight": 1}
     if ledger.has_charge(charge_id):
         if release.is_file():
             adapter, saved = load_release(release)

@@ -38,6 +38,12 @@ class RunSettings:
     run_dir: str = ""               # where checkpoints, round states and (simulation) ledgers go
     resume: bool = False
     seed: int = 0
+    # User-level central DP on the server (Flower's clipping/noise wrapper, opacus accounting).
+    central_dp: bool = False
+    central_noise_multiplier: float = 1.0
+    central_clip: float = 1.0          # C: bound on each site's whole adapter update
+    central_epsilon: float = 10.0      # the server's user-level budget for the run
+    central_delta: float = 0.0         # 0: min(1e-5, 1/(10·clients))
     # Fault injection for tests and drills: client `fail_client` raises in round `fail_round`.
     fail_client: str = ""
     fail_round: int = 0
@@ -116,6 +122,15 @@ class RunSettings:
             raise ConfigError(f"wire-dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")
         if self.round_timeout <= 0:
             raise ConfigError(f"round-timeout must be > 0 seconds, got {self.round_timeout}")
+        if self.central_dp:
+            self.central_plan()  # refuses a plan over the server's user-level budget, before round 1
+
+    def central_plan(self):
+        from common.privacy.central import plan_central_dp, sites_per_round
+
+        per_round = sites_per_round(self.clients, self.fraction_train, self.min_clients)
+        return plan_central_dp(self.clients, per_round, self.rounds, self.min_clients, self.central_noise_multiplier,
+                               self.central_clip, self.central_epsilon, self.central_delta or None)
 
     def check_paths(self, need_data: bool = True) -> None:
         """Paths a simulation needs before anything starts (skipped for what it will generate)."""

@@ -14,12 +14,15 @@ import re
 import time
 from logging import INFO, WARNING
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from common.errors import ConfigError
+from common.privacy.central import UNIT_WEIGHT_KEY, wrap_strategy
+from common.privacy.ledger import PrivacyLedger
 from common.settings import RunSettings
 from common.wire import from_array_record, payload_bytes, to_array_record
 from server.checkpoint import RunDirectory
@@ -59,9 +62,19 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     wait_for_nodes(grid, settings.clients, timeout=settings.round_timeout)
     strategy = FedAvg(fraction_train=settings.fraction_train, fraction_evaluate=1.0,
                       min_train_nodes=settings.min_clients, min_evaluate_nodes=settings.min_clients,
-                      min_available_nodes=settings.min_clients)
+                      min_available_nodes=settings.min_clients,
+                      weighted_by_key=UNIT_WEIGHT_KEY if settings.central_dp else "num-examples")
+    # Held-out metrics are always weighted by records, whatever weights the training mean uses.
+    evaluator = FedAvg(fraction_evaluate=1.0, min_evaluate_nodes=settings.min_clients,
+                       min_available_nodes=settings.min_clients)
+    server_ledger = None
+    if settings.central_dp:  # user-level DP: clip each site's update, noise the mean, account per round
+        plan = settings.central_plan()
+        strategy = wrap_strategy(strategy, plan)
+        server_ledger = PrivacyLedger.open(run.path / "server_ledger.json", "server (user-level)",
+                                           plan.epsilon_budget, plan.delta)
     if state["baseline"] is None:  # round 0: the untrained adapter (= the base teacher)
-        state["baseline"] = evaluate(strategy, grid, 0, global_adapter, settings)
+        state["baseline"] = evaluate(evaluator, grid, 0, global_adapter, settings)
         run.commit(state)
         log(INFO, "round 0: held-out perplexity %.3f", state["baseline"]["perplexity"])
 
@@ -80,7 +93,10 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
                               f"state kept at round {state['completed_round']}, resume to retry")
         aggregated, train_metrics = strategy.aggregate_train(server_round, outcome["valid"])
         global_adapter = from_array_record(aggregated)
-        evaluation = evaluate(strategy, grid, server_round, global_adapter, settings)
+        if server_ledger is not None:
+            server_ledger.charge(f"{settings.name}/round-{server_round}", plan.round_charge(), run_id=settings.name,
+                                 round=server_round)
+        evaluation = evaluate(evaluator, grid, server_round, global_adapter, settings)
         record = {
             "round": server_round,
             "train": dict(train_metrics or {}),
@@ -90,6 +106,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
             "rejected": outcome["rejected"],
             "refused": outcome["refused"],
             "epsilon": outcome["epsilon"],
+            "user_level_epsilon": server_ledger.spent_epsilon() if server_ledger else None,
             "bytes_per_client": payload_bytes(global_adapter) // (2 if settings.wire_dtype == "float16" else 1),
             "seconds": round(time.monotonic() - started, 3),
         }
@@ -164,8 +181,11 @@ def _reply_problem(reply: Message, global_adapter, settings) -> str | None:
     examples = reply.content["metrics"].get("num-examples")
     if not isinstance(examples, (int, float)) or not examples > 0:
         return f"num-examples must be positive, got {examples!r}"
-    return update_problem(from_array_record(reply.content["arrays"]), global_adapter, settings.wire_dtype,
-                          settings.max_update_norm)
+    update = from_array_record(reply.content["arrays"])
+    problem = update_problem(update, global_adapter, settings.wire_dtype, settings.max_update_norm)
+    if problem is None and settings.central_dp and all(np.array_equal(update[k], v) for k, v in global_adapter.items()):
+        return "update is exactly zero (Flower's clipping cannot scale a zero update)"
+    return problem
 
 
 def evaluate(strategy: FedAvg, grid: Grid, server_round: int, adapter, settings: RunSettings) -> dict:

@@ -31,3 +31,14 @@ def fed_overrides(root, **changes) -> dict:
                  "round-timeout": 900.0}
     overrides.update(changes)
     return overrides
+
+
+@pytest.fixture
+def flower_identity():
+    # Messages are stamped with the run/node identity Flower's runtime normally sets.
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, getattr(TaskIdentity, "_node_id", None), getattr(TaskIdentity, "_task_id", None))
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

@@ -59,17 +59,6 @@ def test_rejects_absurd_norm():
     assert "exceeds the bound" in update_problem(update, REFERENCE, "float32", max_norm=50.0)
 
 
-@pytest.fixture
-def flower_identity():
-    # Messages are stamped with the run/node identity Flower's runtime normally sets.
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, getattr(TaskIdentity, "_node_id", None), getattr(TaskIdentity, "_task_id", None))
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 def test_fedavg_gives_weighted_mean_of_known_tensors(flower_identity):
     values = [(np.full((2, 3), 1.0, np.float32), 10), (np.full((2, 3), 4.0, np.float32), 20),
               (np.arange(6, dtype=np.float32).reshape(2, 3), 30)]

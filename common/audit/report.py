@@ -125,6 +125,14 @@ def write_privacy_card(run_dir: Path) -> Path:
             ledger = PrivacyLedger.load(path)
             lines.append(f"| {ledger.client_id} | {ledger.spent_epsilon():.3f} | {ledger.delta:.1e} | "
                          f"{ledger.epsilon_budget:g} | {len(ledger.entries)} |")
+        server = run_dir / "server_ledger.json"
+        if server.exists():
+            ledger = PrivacyLedger.load(server)
+            lines += ["", f"**Also user-level central DP:** each site's whole update clipped to C = "
+                          f"{settings.get('central-clip')} and Gaussian noise on the mean (Flower's server-side "
+                          f"fixed-clipping wrapper), accounted by opacus RDP as a subsampled Gaussian per round: "
+                          f"ε = {ledger.spent_epsilon():.3f} at δ = {ledger.delta:.1e} for a site's entire "
+                          f"contribution (budget {ledger.epsilon_budget:g}); see server_ledger.json."]
     else:
         lines += ["**No differential privacy:** this run trained without clipping or noise (an audit baseline). "
                   "Nothing bounds what it leaks."]

@@ -1,0 +1,80 @@
+"""User-level central DP on the server: Flower's clipping + noise wrapper, opacus accounting.
+
+Each sampled site's whole adapter update is clipped to norm C and the FedAvg mean gets
+Gaussian noise of std σ·C / n (Flower's `DifferentialPrivacyServerSideFixedClipping`).
+Accounting (opacus RDP, not Flower's: Flower's assumes no subsampling amplification) treats a
+round as one step of the subsampled Gaussian mechanism with q = sites per round / sites.
+
+Two choices keep the guarantee honest:
+- every site weighs the same ("unit-weight" = 1): with example weighting one site's
+  influence on the mean would exceed C / n;
+- n is `min-clients`, the fewest valid replies a round can be aggregated from, so the noise
+  is never too small for the sensitivity C / (valid replies) of the round actually released.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from common.errors import ConfigError
+from common.privacy.accounting import epsilon_of
+from common.privacy.ledger import DPSGDCharge
+
+UNIT_WEIGHT_KEY = "unit-weight"
+
+
+@dataclass(frozen=True)
+class CentralDPPlan:
+    noise_multiplier: float
+    clipping_norm: float
+    sample_rate: float          # sites per round / sites
+    rounds: int
+    min_clients: int            # n in the noise std σ·C / n
+    delta: float
+    epsilon_budget: float
+
+    @property
+    def noise_std(self) -> float:
+        return self.noise_multiplier * self.clipping_norm / self.min_clients
+
+    def round_charge(self) -> DPSGDCharge:
+        """One round = one subsampled Gaussian step (same entry type as DP-SGD's, steps = 1)."""
+        return DPSGDCharge(self.noise_multiplier, self.sample_rate, 1, self.clipping_norm)
+
+    def planned_epsilon(self) -> float:
+        return epsilon_of([(self.noise_multiplier, self.sample_rate, self.rounds)], self.delta)
+
+
+def plan_central_dp(clients: int, per_round: int, rounds: int, min_clients: int, noise_multiplier: float,
+                    clipping_norm: float, epsilon_budget: float, delta: float | None = None) -> CentralDPPlan:
+    """Validate and plan; refuses a run whose planned rounds would exceed the user-level budget."""
+    if not noise_multiplier > 0:
+        raise ConfigError(f"central-noise-multiplier must be > 0 for central DP, got {noise_multiplier}")
+    if not clipping_norm > 0:
+        raise ConfigError(f"central-clip must be > 0, got {clipping_norm}")
+    delta = min(1e-5, 1 / (10 * clients)) if delta is None else delta
+    plan = CentralDPPlan(noise_multiplier, clipping_norm, min(1.0, per_round / clients), rounds, min_clients,
+                         delta, epsilon_budget)
+    planned = plan.planned_epsilon()
+    if not planned <= epsilon_budget:
+        raise ConfigError(
+            f"central DP: {rounds} rounds at σ={noise_multiplier}, q={plan.sample_rate:.3f} would spend user-level "
+            f"ε={planned:.2f} (δ={delta:.1e}), over the server's budget of {epsilon_budget}; plan fewer rounds, "
+            "more noise, or raise central-epsilon")
+    return plan
+
+
+def wrap_strategy(strategy, plan: CentralDPPlan):
+    """Flower's server-side fixed-clipping DP wrapper around ``strategy`` (no Flower accountant)."""
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+
+    if getattr(strategy, "weighted_by_key", UNIT_WEIGHT_KEY) != UNIT_WEIGHT_KEY:
+        raise ValueError("central DP needs equal site weights: build FedAvg with weighted_by_key='unit-weight'")
+    return DifferentialPrivacyServerSideFixedClipping(strategy, plan.noise_multiplier, plan.clipping_norm,
+                                                      num_sampled_clients=plan.min_clients)
+
+
+def sites_per_round(clients: int, fraction: float, min_clients: int) -> int:
+    """How many sites Flower's FedAvg samples per round (its own rule)."""
+    return max(int(clients * fraction), min_clients) if math.isfinite(fraction) else clients
