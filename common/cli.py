@@ -235,6 +235,8 @@ def server_command(
     insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP, no TLS: local tests only."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for all interfaces)."),
     database: Optional[Path] = typer.Option(None, help="SuperLink state file (default: in memory)."),
+    auth: bool = typer.Option(False, "--auth", help="Admit only SuperNodes whose public key was registered "
+                                                    "(`privdistill register`); needs TLS."),
 ) -> None:
     """Start the SuperLink (the federation's server) in the foreground."""
     from common.deploy import CertPaths, check_port, superlink_command, tool_env
@@ -250,7 +252,7 @@ def server_command(
         paths = CertPaths.in_dir(certs)
         paths.check_server_files()
     argv = superlink_command(port, paths, host=host, insecure=insecure,
-                             database=database.expanduser().resolve() if database else None)
+                             database=database.expanduser().resolve() if database else None, auth=auth)
     console.print(f"starting SuperLink on {host}:{port} ({'INSECURE' if insecure else 'TLS'}): {' '.join(argv)}",
                   markup=False, highlight=False)
     _exec_tool(argv, tool_env())
@@ -269,6 +271,8 @@ def client_command(
     insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP to an --insecure server: local tests only."),
     port: Optional[int] = typer.Option(None, help="Local port for the SuperNode's runtime API (default 9094; "
                                                   "distinct per SuperNode on one machine)."),
+    auth_key: Optional[Path] = typer.Option(None, help="This site's node private key (`privdistill keys`) for a "
+                                                       "server started with --auth."),
 ) -> None:
     """Start this site's SuperNode in the foreground; the private data never leaves it."""
     from common.deploy import check_node_files, node_config, parse_address, supernode_command, tool_env
@@ -280,7 +284,7 @@ def client_command(
         raise UserError(f"--ca-cert {ca_cert} not found; copy ca.crt from the server admin (`privdistill certs`)")
     config = node_config(client_id, data, heldout, model, ledger, budget)
     check_node_files(config)
-    argv = supernode_command(server, config, ca_cert=ca_cert, insecure=insecure, port=port)
+    argv = supernode_command(server, config, ca_cert=ca_cert, insecure=insecure, port=port, auth_key=auth_key)
     if insecure:
         print("WARNING: --insecure: this site talks plain HTTP to the server; use it only for a local test.",
               file=sys.stderr)
@@ -326,6 +330,47 @@ def run_command(
     argv = flwr_run_command(connection, run_config, app_dir=app_dir)
     console.print(" ".join(argv), markup=False, highlight=False)
     code = run_and_report(argv, tool_env(home), connection)
+    if code:
+        raise SystemExit(code)
+
+
+@app.command("keys")
+def keys_command(
+    out: Path = typer.Option(..., help="Directory for the key pair."),
+    name: str = typer.Option(..., help="This site's name (the files are NAME and NAME.pub)."),
+) -> None:
+    """Create this site's SuperNode authentication key pair (ECDSA P-384, OpenSSH format)."""
+    from common.deploy import make_node_keys
+
+    private, public = make_node_keys(out, name)
+    print(f"node keys for {name!r} in {private.parent}\n"
+          f"  {public.name:<12} public key: send it to the coordinator (`privdistill register --key {public.name}`)\n"
+          f"  {private.name:<12} private key (0600): keep it private on this site, never copy it\n"
+          f"next: privdistill client ... --auth-key {private}")
+
+
+@app.command("register")
+def register_command(
+    server: str = typer.Option(..., help="The SuperLink as HOST:PORT."),
+    ca_cert: Path = typer.Option(..., help="The deployment's ca.crt."),
+    key: Path = typer.Option(..., help="A site's public key (SITE.pub from `privdistill keys`)."),
+    flwr_home: Optional[Path] = typer.Option(None, help="Flower's config directory (default $FLWR_HOME or ~/.flwr)."),
+    connection: str = typer.Option("privdistill", help="Name of the connection entry in FLWR_HOME/config.toml."),
+) -> None:
+    """Register a site's public key with a SuperLink started with --auth (`flwr supernode register`)."""
+    import subprocess
+
+    from common.deploy import (flwr_home as resolve_home, parse_address, supernode_register_command, tool_env,
+                               write_connection)
+
+    parse_address(server, "--server")
+    if not ca_cert.is_file():
+        raise UserError(f"--ca-cert {ca_cert} not found; it is the ca.crt from `privdistill certs`")
+    argv = supernode_register_command(key, connection, name=key.name.removesuffix(".pub"))
+    home = resolve_home(flwr_home)
+    write_connection(home, server, ca_cert=ca_cert, name=connection)
+    console.print(" ".join(argv), markup=False, highlight=False)
+    code = subprocess.run(argv, env=tool_env(home)).returncode
     if code:
         raise SystemExit(code)
 

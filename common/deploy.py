@@ -134,6 +134,36 @@ def generate_certificates(out_dir: str | Path, hosts: tuple[str, ...] | list[str
     return paths
 
 
+def make_node_keys(out_dir: str | Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode authentication key pair: ``OUT/NAME`` (private, OpenSSH, 0600) and
+    ``OUT/NAME.pub`` (OpenSSH public key, sent to the coordinator for registration).
+
+    ECDSA on NIST P-384, the key type Flower's ``flwr supernode register`` accepts. Refuses
+    to overwrite either file (the registered public key would no longer match)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if not _CONNECTION_NAME.match(name or ""):
+        raise ConfigError(f"--name {name!r} must be letters, digits, '-' or '_' (e.g. the site's id)")
+    out = Path(out_dir).expanduser().resolve()
+    private, public = out / name, out / f"{name}.pub"
+    for path in (private, public):
+        if path.exists():
+            raise ConfigError(f"{path} already exists; its public key may already be registered. "
+                              "Use another --name or --out")
+    out.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private_bytes = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                      serialization.NoEncryption())
+    public_bytes = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                 serialization.PublicFormat.OpenSSH) + f" {name}\n".encode()
+    atomic_write_bytes(private, private_bytes)
+    os.chmod(private, 0o600)
+    atomic_write_bytes(public, public_bytes)
+    os.chmod(public, 0o644)
+    return private, public
+
+
 def _subject_alt_name(host: str, x509):
     if not host:
         raise ConfigError("empty --host name; give a DNS name or an IP address (e.g. --host server.example.org)")
@@ -236,8 +266,12 @@ def parse_config(text: str, what: str = "--run-config") -> dict:
 
 # ---------------------------------------------------------------------------- command builders
 def superlink_command(port: int, certs: CertPaths | None, host: str = "127.0.0.1", insecure: bool = False,
-                      database: str | Path | None = None, log_file: str | Path | None = None) -> list[str]:
-    """``flower-superlink``: ONE port for Fleet + Control + Runtime APIs, no ``uv sync`` of apps."""
+                      database: str | Path | None = None, log_file: str | Path | None = None,
+                      auth: bool = False) -> list[str]:
+    """``flower-superlink``: ONE port for Fleet + Control + Runtime APIs, no ``uv sync`` of apps.
+
+    ``auth``: only SuperNodes whose public key was registered (``flwr supernode register``) may
+    connect (``--enable-supernode-auth``; needs TLS)."""
     check_port(port)
     argv = ["flower-superlink", "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
     if insecure:
@@ -247,6 +281,10 @@ def superlink_command(port: int, certs: CertPaths | None, host: str = "127.0.0.1
             raise ConfigError("the SuperLink needs certificates (--certs DIR) unless --insecure is given")
         argv += ["--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile", str(certs.server_cert),
                  "--ssl-keyfile", str(certs.server_key)]
+    if auth:
+        if insecure:
+            raise ConfigError("SuperNode authentication (--auth) needs TLS; drop --insecure and pass --certs DIR")
+        argv.append("--enable-supernode-auth")
     if database is not None:
         argv += ["--database", str(database)]
     if log_file is not None:
@@ -292,9 +330,11 @@ def check_node_files(config: dict) -> None:
 
 
 def supernode_command(superlink: str, config: dict, ca_cert: str | Path | None = None, insecure: bool = False,
-                      port: int | None = None, max_retries: int | None = None) -> list[str]:
+                      port: int | None = None, max_retries: int | None = None,
+                      auth_key: str | Path | None = None) -> list[str]:
     """``flower-supernode`` for one site. ``port`` is its local Runtime API port (distinct per
-    SuperNode on one host; Flower's default is 9094)."""
+    SuperNode on one host; Flower's default is 9094). ``auth_key``: the site's node private key
+    (``make_node_keys``) for a SuperLink started with ``auth``."""
     host, sl_port = parse_address(superlink, "--server")
     argv = ["flower-supernode", "--superlink", format_address(host, sl_port)]
     if insecure:
@@ -307,7 +347,28 @@ def supernode_command(superlink: str, config: dict, ca_cert: str | Path | None =
         argv += ["--port", str(check_port(port))]
     if max_retries is not None:
         argv += ["--max-retries", str(int(max_retries))]
+    if auth_key is not None:
+        if insecure:
+            raise ConfigError("SuperNode authentication (--auth-key) needs TLS; pass --ca-cert FILE, not --insecure")
+        key = Path(auth_key).expanduser().resolve()
+        if not key.is_file():
+            raise ConfigError(f"--auth-key {key} not found; create it with `privdistill keys --out DIR --name SITE`")
+        argv += ["--auth-supernode-private-key", str(key)]
     argv += ["--node-config", format_config(config)]
+    return argv
+
+
+def supernode_register_command(public_key: str | Path, connection: str, name: str | None = None) -> list[str]:
+    """``flwr supernode register PUBLIC_KEY CONNECTION`` (Control API; run by the coordinator)."""
+    key = Path(public_key).expanduser().resolve()
+    if not key.is_file():
+        raise ConfigError(f"--key {key} not found; the site creates it with `privdistill keys` and sends NAME.pub")
+    if not key.read_bytes().startswith(b"ecdsa-sha2-nistp"):
+        raise ConfigError(f"--key {key} is not an OpenSSH ECDSA public key (NAME.pub from `privdistill keys`); "
+                          "never send or register the private key")
+    argv = ["flwr", "supernode", "register", str(key), connection]
+    if name:
+        argv += ["--name", name]
     return argv
 
 

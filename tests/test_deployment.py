@@ -381,3 +381,81 @@ def test_two_sites_over_tls(tmp_path, processes):
         assert 0 < ledger.spent_epsilon() <= EPSILON + 1e-9
         assert state["rounds"][-1]["epsilon"][f"client_{i}"] == pytest.approx(ledger.spent_epsilon())
     mark("checks passed")
+
+
+def test_supernode_auth_admits_only_registered_keys(tmp_path, processes):
+    """SuperLink with --enable-supernode-auth: a registered site key joins and trains a round,
+    an unregistered one is refused (Flower exits with 305 "Failed to activate SuperNode")."""
+    started = time.monotonic()
+
+    def mark(what: str) -> None:
+        print(f"{time.monotonic() - started:6.1f}s {what}", flush=True)
+
+    corpus, teacher = tmp_path / "corpus", tmp_path / "teacher"
+    certs = generate_certificates(tmp_path / "certs")
+    keys = tmp_path / "keys"
+    key_a, pub_a = deploy.make_node_keys(keys, "site_a")
+    key_b, _ = deploy.make_node_keys(keys, "site_b")  # never registered
+    assert key_a.stat().st_mode & 0o777 == 0o600
+
+    def env(name: str) -> dict:
+        home = tmp_path / "flwr" / name
+        home.mkdir(parents=True, exist_ok=True)
+        return {**tool_env(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+                "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+    superlink_port, port_a, port_b = free_ports(3)
+    address = f"127.0.0.1:{superlink_port}"
+    argv = superlink_command(superlink_port, CertPaths.in_dir(certs.ca_cert.parent), auth=True)
+    assert "--enable-supernode-auth" in argv
+    superlink = processes.start("superlink", argv, env("superlink"))
+    make_sites(corpus, teacher)  # while the SuperLink boots
+    mark("corpus and teacher ready")
+    assert wait_listening(superlink_port, superlink, 90), f"SuperLink exited\n{processes.logs()}"
+
+    cli_env = env("cli")
+    connection = "auth-test"
+    write_connection(cli_env["FLWR_HOME"], address, ca_cert=certs.ca_cert, name=connection)
+    register = subprocess.run(deploy.supernode_register_command(pub_a, connection, name="site_a"), env=cli_env,
+                              capture_output=True, text=True, timeout=120)
+    assert register.returncode == 0 and "registered" in register.stdout, register.stdout + register.stderr
+    mark("site_a registered")
+
+    def start_node(name: str, i: int, port: int, key: Path) -> subprocess.Popen:
+        site = corpus / f"client_{i}"
+        config = node_config(f"client_{i}", site / "train.jsonl", site / "heldout.jsonl", teacher,
+                             tmp_path / f"site_{i}" / "ledger.json", EPSILON)
+        argv = supernode_command(address, config, ca_cert=certs.ca_cert, port=port, max_retries=2, auth_key=key)
+        assert argv[argv.index("--auth-supernode-private-key") + 1] == str(key)
+        return processes.start(name, argv, env(name))
+
+    node_a = start_node("supernode_a", 0, port_a, key_a)
+    node_b = start_node("supernode_b", 1, port_b, key_b)
+    try:
+        code_b = node_b.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the SuperNode with an unregistered key is still running after 90s\n{processes.logs()}")
+    mark(f"unregistered SuperNode exited with {code_b}")
+    assert code_b != 0 and (code_b == 305 or "Failed to activate" in processes.log("supernode_b")), processes.logs()
+    assert wait_listening(port_a, node_a, 60), f"registered SuperNode exited\n{processes.logs()}"
+    assert node_a.poll() is None, processes.logs()
+
+    run_dir = tmp_path / "run"
+    run_config = format_config({"rounds": 1, "min-clients": 1, "clients": 1, "local-steps": 3,
+                                "epsilon": EPSILON, "round-timeout": 120.0, "run-dir": str(run_dir),
+                                "model-dir": str(teacher), "data-dir": str(corpus), "name": "auth-test"})
+    flwr = processes.start("flwr_run", flwr_run_command(connection, run_config, app_dir=REPO), cli_env)
+    try:
+        flwr.wait(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`flwr run` did not finish within {RUN_TIMEOUT}s\n{processes.logs()}")
+    mark(f"flwr run exited with {flwr.returncode}")
+    assert flwr.returncode == 0, processes.logs()
+    state_path = run_dir / "state.json"
+    assert state_path.is_file(), f"no run state written\n{processes.logs()}"
+    state = json.loads(state_path.read_text())
+    assert state["completed_round"] == 1, processes.logs()
+    assert state["rounds"][0]["valid"] == 1, state["rounds"]
+    assert node_a.poll() is None, processes.logs()
+    mark("checks passed")
