@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from client.dp_lora import DPLoRAConfig, load_lora_model
 from common.errors import ConfigError
-from common.models.build import adapter_state, add_lora, build_model, count_parameters, load_adapter_state
+from common.models.build import adapter_state, build_model, count_parameters, load_adapter_state
 from tests.helpers import SAMPLE_TEXTS, save_tiny_model, tiny_tokenizer
 
 
