@@ -31,7 +31,7 @@ def build_client_app(overrides: dict | None = None, mods: tuple = ()) -> ClientA
         settings = _settings(context, overrides)
         site = site_from_context(context, settings)
         server_round = int(msg.content["config"]["server-round"])
-        if settings.fail_client == site.client_id and settings.fail_round == server_round:
+        if settings.injected_failure(site.client_id, server_round):
             raise RuntimeError(f"fault injected: {site.client_id} fails in round {server_round}")
         global_adapter = from_array_record(msg.content["arrays"])
         adapter, metrics, refusal = dp_lora.run_round(site, settings.dp, settings.name,

@@ -9,6 +9,7 @@ Everything is validated here, before any process starts.
 from __future__ import annotations
 
 import math
+import random
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -47,6 +48,7 @@ class RunSettings:
     # Fault injection for tests and drills: client `fail_client` raises in round `fail_round`.
     fail_client: str = ""
     fail_round: int = 0
+    fail_fraction: float = 0.0       # each site fails each round with this probability (seeded)
     # Simulation only (not part of Flower's run config semantics elsewhere).
     generate_data: bool = False
     warmup_spec: str = "tiny-gpt2"
@@ -124,6 +126,13 @@ class RunSettings:
             raise ConfigError(f"round-timeout must be > 0 seconds, got {self.round_timeout}")
         if self.central_dp:
             self.central_plan()  # refuses a plan over the server's user-level budget, before round 1
+
+    def injected_failure(self, client_id: str, server_round: int) -> bool:
+        """Fault injection (tests, drills): does this site fail this round? Deterministic per seed."""
+        if self.fail_client == client_id and self.fail_round == server_round:
+            return True
+        draw = random.Random(f"{self.seed}/{client_id}/{server_round}").random()
+        return self.fail_fraction > 0 and draw < self.fail_fraction
 
     def central_plan(self):
         from common.privacy.central import plan_central_dp, sites_per_round

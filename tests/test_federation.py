@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -94,6 +95,25 @@ def test_client_failure_counts_as_dropout_and_is_not_charged(fed_root, tmp_path)
     server = PrivacyLedger.load(run_dir / "server_ledger.json")
     assert _charges(server.path) == ["faulty/round-1", "faulty/round-2"]
     assert second["user_level_epsilon"] == pytest.approx(server.spent_epsilon()) and server.spent_epsilon() <= 20.0
+
+
+def test_thirty_percent_random_failures_over_five_rounds(fed_root, tmp_path):
+    run_dir = tmp_path / "run"
+    settings = _settings(fed_root, run_dir, name="flaky", rounds=5, **{"min-clients": 1, "local-steps": 2,
+                                                                       "fail-fraction": 0.3, "seed": 11})
+    state = simulate(settings)
+    assert state["completed_round"] == 5
+    failed = {i: set() for i in range(3)}
+    for record in state["rounds"]:
+        for dropout in record["dropouts"]:
+            match = re.search(r"fault injected: client_(\d+) fails in round (\d+)", dropout["reason"])
+            assert match and int(match.group(2)) == record["round"], dropout
+            failed[int(match.group(1))].add(record["round"])
+        assert record["valid"] + len(record["dropouts"]) == 3
+    assert 0 < sum(map(len, failed.values())) < 15
+    for i in range(3):  # a site is charged exactly for the rounds it finished
+        expected = [f"flaky/round-{r}" for r in range(1, 6) if r not in failed[i]]
+        assert _charges(run_dir / "ledgers" / f"client_{i}.json") == expected
 
 
 def test_server_killed_mid_run_resumes_and_charges_each_round_once(fed_root, tmp_path):
