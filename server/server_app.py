@@ -157,12 +157,11 @@ def sort_train_replies(messages: list[Message], replies: list[Message], global_a
             refused.append({"node": node, "client": client, "reason": reply.content["client"]["refusal"]})
             log(WARNING, "node %s (%s) refused round: %s", node, client, refused[-1]["reason"])
             continue
-        problem = _reply_problem(reply, global_adapter, settings)
+        problem, update = _reply_problem(reply, global_adapter, settings)
         if problem:
             rejected.append({"node": node, "client": client, "reason": problem})
             log(WARNING, "node %s (%s): update rejected: %s", node, client, problem)
             continue
-        update = from_array_record(reply.content["arrays"])
         reply.content["arrays"] = to_array_record(update, "float32")  # aggregate in float32
         valid.append(reply)
     return {"valid": valid, "dropouts": dropouts, "rejected": rejected, "refused": refused, "epsilon": epsilon}
@@ -175,17 +174,18 @@ def _short(reason: str) -> str:
     return (errors[-1] if errors else " ".join(lines))[:300]
 
 
-def _reply_problem(reply: Message, global_adapter, settings) -> str | None:
+def _reply_problem(reply: Message, global_adapter, settings) -> tuple[str | None, dict | None]:
+    """(why the reply must not be aggregated or None, its adapter tensors)."""
     if "arrays" not in reply.content or "metrics" not in reply.content:
-        return "reply lacks arrays or metrics"
+        return "reply lacks arrays or metrics", None
     examples = reply.content["metrics"].get("num-examples")
     if not isinstance(examples, (int, float)) or not examples > 0:
-        return f"num-examples must be positive, got {examples!r}"
+        return f"num-examples must be positive, got {examples!r}", None
     update = from_array_record(reply.content["arrays"])
     problem = update_problem(update, global_adapter, settings.wire_dtype, settings.max_update_norm)
     if problem is None and settings.central_dp and all(np.array_equal(update[k], v) for k, v in global_adapter.items()):
-        return "update is exactly zero (Flower's clipping cannot scale a zero update)"
-    return problem
+        problem = "update is exactly zero (Flower's clipping cannot scale a zero update)"
+    return problem, update
 
 
 def evaluate(strategy: FedAvg, grid: Grid, server_round: int, adapter, settings: RunSettings) -> dict:
