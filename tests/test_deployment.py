@@ -199,6 +199,25 @@ def processes(tmp_path):
 
 
 # ---------------------------------------------------------------------------- data
+def process_env(tmp_path: Path, name: str) -> dict:
+    """Environment for one Flower process: its own FLWR_HOME, quiet, offline, fast polling."""
+    home = tmp_path / "flwr" / name
+    home.mkdir(parents=True, exist_ok=True)
+    return {**tool_env(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def run_flwr(processes, connection: str, run_config: str, cli_env: dict) -> subprocess.Popen:
+    """`flwr run` this repository's app and wait for it (fails the test past RUN_TIMEOUT)."""
+    flwr = processes.start("flwr_run", flwr_run_command(connection, run_config, app_dir=REPO), cli_env)
+    try:
+        flwr.wait(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`flwr run` did not finish within {RUN_TIMEOUT}s\n{processes.logs()}")
+    return flwr
+
+
 def make_sites(corpus: Path, teacher: Path) -> None:
     """A tiny corpus (2 clients) and a tiny warmed-up teacher."""
     from common.data.generate import generate_corpus
@@ -306,11 +325,7 @@ def test_two_sites_over_tls(tmp_path, processes):
     certs = generate_certificates(tmp_path / "certs")  # localhost, 127.0.0.1, ::1
 
     def env(name: str) -> dict:
-        home = tmp_path / "flwr" / name
-        home.mkdir(parents=True, exist_ok=True)
-        return {**tool_env(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-                "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        return process_env(tmp_path, name)
 
     ledgers = [tmp_path / f"site_{i}" / "ledger.json" for i in range(2)]
 
@@ -354,11 +369,7 @@ def test_two_sites_over_tls(tmp_path, processes):
     run_config = format_config({"rounds": ROUNDS, "min-clients": 2, "clients": 2, "local-steps": 3,
                                 "epsilon": EPSILON, "round-timeout": 120.0, "run-dir": str(run_dir),
                                 "model-dir": str(teacher), "data-dir": str(corpus), "name": "deploy-test"})
-    flwr = processes.start("flwr_run", flwr_run_command(connection, run_config, app_dir=REPO), cli_env)
-    try:
-        flwr.wait(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"`flwr run` did not finish within {RUN_TIMEOUT}s\n{processes.logs()}")
+    flwr = run_flwr(processes, connection, run_config, cli_env)
     mark(f"flwr run exited with {flwr.returncode}")
 
     assert flwr.returncode == 0, processes.logs()
@@ -399,11 +410,7 @@ def test_supernode_auth_admits_only_registered_keys(tmp_path, processes):
     assert key_a.stat().st_mode & 0o777 == 0o600
 
     def env(name: str) -> dict:
-        home = tmp_path / "flwr" / name
-        home.mkdir(parents=True, exist_ok=True)
-        return {**tool_env(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-                "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        return process_env(tmp_path, name)
 
     superlink_port, port_a, port_b = free_ports(3)
     address = f"127.0.0.1:{superlink_port}"
@@ -445,11 +452,7 @@ def test_supernode_auth_admits_only_registered_keys(tmp_path, processes):
     run_config = format_config({"rounds": 1, "min-clients": 1, "clients": 1, "local-steps": 3,
                                 "epsilon": EPSILON, "round-timeout": 120.0, "run-dir": str(run_dir),
                                 "model-dir": str(teacher), "data-dir": str(corpus), "name": "auth-test"})
-    flwr = processes.start("flwr_run", flwr_run_command(connection, run_config, app_dir=REPO), cli_env)
-    try:
-        flwr.wait(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"`flwr run` did not finish within {RUN_TIMEOUT}s\n{processes.logs()}")
+    flwr = run_flwr(processes, connection, run_config, cli_env)
     mark(f"flwr run exited with {flwr.returncode}")
     assert flwr.returncode == 0, processes.logs()
     state_path = run_dir / "state.json"
