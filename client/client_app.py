@@ -2,6 +2,8 @@
 
 train:    global adapter in → check the ledger → DP-SGD LoRA on this site's private split
           → adapter + metrics out (or a refusal, when the budget would be exceeded).
+          Under secure aggregation the same round runs inside Flower's SecAgg+ mod, which
+          masks the adapter before it leaves (client/secagg.py).
 evaluate: global adapter in → perplexity on this site's held-out split → metrics out.
 
 The site's paths, id and budget come from Flower's node config, so the same app runs at a
@@ -17,7 +19,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import dp_lora
+from client import dp_lora, secagg
 from common.settings import RunSettings
 from common.wire import from_array_record, to_array_record
 
@@ -30,15 +32,21 @@ def build_client_app(overrides: dict | None = None, mods: tuple = ()) -> ClientA
     def train(msg: Message, context: Context) -> Message:
         settings = _settings(context, overrides)
         site = site_from_context(context, settings)
+
+        def train_round(global_adapter, server_round):
+            if settings.injected_failure(site.client_id, server_round):
+                raise RuntimeError(f"fault injected: {site.client_id} fails in round {server_round}")
+            adapter, metrics, refusal = dp_lora.run_round(site, settings.dp, settings.name, server_round,
+                                                          global_adapter)
+            return adapter, {**metrics, "client-id": site.client_id}, refusal
+
+        if secagg.is_secagg_message(msg):  # one of SecAgg+'s four stages (Flower's legacy workflow)
+            return secagg.secagg_train(msg, context, train_round)
         server_round = int(msg.content["config"]["server-round"])
-        if settings.injected_failure(site.client_id, server_round):
-            raise RuntimeError(f"fault injected: {site.client_id} fails in round {server_round}")
-        global_adapter = from_array_record(msg.content["arrays"])
-        adapter, metrics, refusal = dp_lora.run_round(site, settings.dp, settings.name,
-                                                      server_round, global_adapter)
+        adapter, metrics, refusal = train_round(from_array_record(msg.content["arrays"]), server_round)
         content = RecordDict({
             "arrays": to_array_record(adapter, settings.wire_dtype),
-            "metrics": MetricRecord(metrics),
+            "metrics": MetricRecord({k: v for k, v in metrics.items() if k != "client-id"}),
             "client": ConfigRecord({"client-id": site.client_id, "refusal": refusal}),
         })
         return Message(content=content, reply_to=msg)

@@ -31,6 +31,7 @@ class RunSettings:
     rounds: int = 3
     min_clients: int = 2            # valid replies needed for a round to complete
     fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0  # share of sites that report held-out perplexity each round
     round_timeout: float = 600.0    # seconds to wait for replies before counting dropouts
     max_update_norm: float = 50.0   # L2 norm bound on (client adapter − global adapter)
     wire_dtype: str = "float32"     # adapter tensors on the wire
@@ -45,6 +46,11 @@ class RunSettings:
     central_clip: float = 1.0          # C: bound on each site's whole adapter update
     central_epsilon: float = 10.0      # the server's user-level budget for the run
     central_delta: float = 0.0         # 0: min(1e-5, 1/(10·clients))
+    # Secure aggregation (Flower's SecAgg+; legacy workflow stack): the server sees only the sum.
+    secure_aggregation: bool = False
+    secagg_shares: float = 1.0         # share of a round's sites each site splits its keys among
+    secagg_threshold: float = 0.6      # share of those shares needed to unmask (tolerates the rest dropping)
+    secagg_clip_range: float = 8.0     # adapter values are clipped to ±this before quantisation
     # Fault injection for tests and drills: client `fail_client` raises in round `fail_round`.
     fail_client: str = ""
     fail_round: int = 0
@@ -116,16 +122,34 @@ class RunSettings:
         if self.min_clients > self.clients:
             raise ConfigError(f"min-clients ({self.min_clients}) is larger than clients ({self.clients}); "
                               "no round could ever complete. Lower min-clients or add clients")
-        if not 0 < self.fraction_train <= 1:
-            raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        for name in ("fraction_train", "fraction_evaluate"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
         if not (self.max_update_norm > 0 and math.isfinite(self.max_update_norm)):
             raise ConfigError(f"max-update-norm must be a positive number, got {self.max_update_norm}")
         if self.wire_dtype not in WIRE_DTYPES:
             raise ConfigError(f"wire-dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")
         if self.round_timeout <= 0:
             raise ConfigError(f"round-timeout must be > 0 seconds, got {self.round_timeout}")
+        if self.secure_aggregation:
+            self.check_secure_aggregation()
         if self.central_dp:
             self.central_plan()  # refuses a plan over the server's user-level budget, before round 1
+
+    def check_secure_aggregation(self) -> None:
+        from common.privacy.central import sites_per_round
+
+        if sites_per_round(self.clients, self.fraction_train, self.min_clients) < 3 or self.min_clients < 2:
+            raise ConfigError("secure-aggregation needs at least 3 sites per round and min-clients ≥ 2 (a sum "
+                              "of fewer sites would reveal each one); raise clients, fraction-train or min-clients")
+        if not 0 < self.secagg_shares <= 1 or not 0 < self.secagg_threshold <= 1:
+            raise ConfigError(f"secagg-shares and secagg-threshold are shares in (0, 1], got {self.secagg_shares} "
+                              f"and {self.secagg_threshold}")
+        if not self.secagg_clip_range > 0:
+            raise ConfigError(f"secagg-clip-range must be > 0, got {self.secagg_clip_range}")
+        if self.wire_dtype != "float32":
+            raise ConfigError("wire-dtype must be float32 with secure-aggregation (SecAgg+ quantises the adapter "
+                              "itself); remove wire-dtype or set it to float32")
 
     def injected_failure(self, client_id: str, server_round: int) -> bool:
         """Fault injection (tests, drills): does this site fail this round? Deterministic per seed."""

@@ -40,43 +40,30 @@ def build_server_app(overrides: dict | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         settings = RunSettings.from_flat({**dict(context.run_config), **(overrides or {})})
-        run_federation(grid, settings)
+        if settings.secure_aggregation:  # Flower's SecAgg+ exists only on its legacy workflow stack
+            from server.secagg import run_secagg_federation
+
+            run_secagg_federation(grid, context, settings)
+        else:
+            run_federation(grid, settings)
 
     return app
 
 
 def run_federation(grid: Grid, settings: RunSettings) -> dict:
-    run = RunDirectory(settings.run_dir)
-    if settings.resume:
-        state = run.load_state()
-        global_adapter = run.load_adapter(state["adapter"])
-        log(INFO, "resuming %s after round %d of %d", run.path, state["completed_round"], settings.rounds)
-    else:
-        if run.exists():
-            raise ConfigError(f"{run.path} already holds a run; resume it (--resume, or resume=true in --run-config) or pick another run directory")
-        state = run.new_state(settings.to_run_config())
-        global_adapter = initial_adapter(settings)
-        state["adapter"] = run.save_adapter(0, global_adapter)
-        run.commit(state)
-
+    run, state, global_adapter = open_run(settings)
     wait_for_nodes(grid, settings.clients, timeout=settings.round_timeout)
-    strategy = FedAvg(fraction_train=settings.fraction_train, fraction_evaluate=1.0,
+    strategy = FedAvg(fraction_train=settings.fraction_train, fraction_evaluate=settings.fraction_evaluate,
                       min_train_nodes=settings.min_clients, min_evaluate_nodes=settings.min_clients,
                       min_available_nodes=settings.min_clients,
                       weighted_by_key=UNIT_WEIGHT_KEY if settings.central_dp else "num-examples")
-    # Held-out metrics are always weighted by records, whatever weights the training mean uses.
-    evaluator = FedAvg(fraction_evaluate=1.0, min_evaluate_nodes=settings.min_clients,
-                       min_available_nodes=settings.min_clients)
+    evaluator = make_evaluator(settings)
     server_ledger = None
     if settings.central_dp:  # user-level DP: clip each site's update, noise the mean, account per round
         plan = settings.central_plan()
         strategy = wrap_strategy(strategy, plan)
-        server_ledger = PrivacyLedger.open(run.path / "server_ledger.json", "server (user-level)",
-                                           plan.epsilon_budget, plan.delta)
-    if state["baseline"] is None:  # round 0: the untrained adapter (= the base teacher)
-        state["baseline"] = evaluate(evaluator, grid, 0, global_adapter, settings)
-        run.commit(state)
-        log(INFO, "round 0: held-out perplexity %.3f", state["baseline"]["perplexity"])
+        server_ledger = open_server_ledger(run, plan)
+    evaluate_baseline(evaluator, grid, run, state, global_adapter, settings)
 
     for server_round in range(state["completed_round"] + 1, settings.rounds + 1):
         started = time.monotonic()
@@ -93,33 +80,77 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
                               f"state kept at round {state['completed_round']}, resume to retry")
         aggregated, train_metrics = strategy.aggregate_train(server_round, outcome["valid"])
         global_adapter = from_array_record(aggregated)
-        if server_ledger is not None:
-            server_ledger.charge(f"{settings.name}/round-{server_round}", plan.round_charge(), run_id=settings.name,
-                                 round=server_round)
-        evaluation = evaluate(evaluator, grid, server_round, global_adapter, settings)
-        record = {
-            "round": server_round,
-            "train": dict(train_metrics or {}),
-            "evaluate": evaluation,
-            "valid": len(outcome["valid"]),
-            "dropouts": outcome["dropouts"],
-            "rejected": outcome["rejected"],
-            "refused": outcome["refused"],
-            "epsilon": outcome["epsilon"],
-            "user_level_epsilon": server_ledger.spent_epsilon() if server_ledger else None,
-            "bytes_per_client": payload_bytes(global_adapter) // (2 if settings.wire_dtype == "float16" else 1),
-            "seconds": round(time.monotonic() - started, 3),
-        }
-        state["adapter"] = run.save_adapter(server_round, global_adapter)
-        state["rounds"].append(record)
-        state["completed_round"] = server_round
-        run.commit(state)
-        log(INFO, "round %d/%d: train loss %.4f | held-out perplexity %.3f | ε spent max %.3f | "
-            "valid %d, dropouts %d, rejected %d, refused %d | %.1fs", server_round, settings.rounds,
-            record["train"].get("train-loss", math.nan), evaluation["perplexity"],
-            max(outcome["epsilon"].values(), default=0.0), record["valid"], len(record["dropouts"]),
-            len(record["rejected"]), len(record["refused"]), record["seconds"])
+        outcome["valid"] = len(outcome["valid"])
+        commit_round(grid, evaluator, run, state, settings, server_round, global_adapter, outcome,
+                     dict(train_metrics or {}), server_ledger, started)
     return state
+
+
+# ------------------------------------------------------------------------ pieces both round loops share
+def open_run(settings: RunSettings) -> tuple[RunDirectory, dict, dict]:
+    """(run directory, state, global adapter): a resumed run's last commit, or a new run's round 0."""
+    run = RunDirectory(settings.run_dir)
+    if settings.resume:
+        state = run.load_state()
+        log(INFO, "resuming %s after round %d of %d", run.path, state["completed_round"], settings.rounds)
+        return run, state, run.load_adapter(state["adapter"])
+    if run.exists():
+        raise ConfigError(f"{run.path} already holds a run; resume it (--resume, or resume=true in --run-config) or pick another run directory")
+    state = run.new_state(settings.to_run_config())
+    global_adapter = initial_adapter(settings)
+    state["adapter"] = run.save_adapter(0, global_adapter)
+    run.commit(state)
+    return run, state, global_adapter
+
+
+def make_evaluator(settings: RunSettings) -> FedAvg:
+    """Held-out metrics are always weighted by records, whatever weights the training mean uses."""
+    return FedAvg(fraction_evaluate=settings.fraction_evaluate, min_evaluate_nodes=settings.min_clients,
+                  min_available_nodes=settings.min_clients)
+
+
+def open_server_ledger(run: RunDirectory, plan) -> PrivacyLedger:
+    return PrivacyLedger.open(run.path / "server_ledger.json", "server (user-level)", plan.epsilon_budget,
+                              plan.delta)
+
+
+def evaluate_baseline(evaluator: FedAvg, grid: Grid, run: RunDirectory, state: dict, adapter, settings) -> None:
+    if state["baseline"] is None:  # round 0: the untrained adapter (= the base teacher)
+        state["baseline"] = evaluate(evaluator, grid, 0, adapter, settings)
+        run.commit(state)
+        log(INFO, "round 0: held-out perplexity %.3f", state["baseline"]["perplexity"])
+
+
+def commit_round(grid: Grid, evaluator: FedAvg, run: RunDirectory, state: dict, settings: RunSettings,
+                 server_round: int, global_adapter, outcome: dict, train_metrics: dict,
+                 server_ledger: PrivacyLedger | None, started: float) -> None:
+    """Charge the server's user-level ledger, evaluate, and write adapter + round record atomically."""
+    if server_ledger is not None:
+        server_ledger.charge(f"{settings.name}/round-{server_round}", settings.central_plan().round_charge(),
+                             run_id=settings.name, round=server_round)
+    evaluation = evaluate(evaluator, grid, server_round, global_adapter, settings)
+    record = {
+        "round": server_round,
+        "train": train_metrics,
+        "evaluate": evaluation,
+        "valid": outcome["valid"],
+        "dropouts": outcome["dropouts"],
+        "rejected": outcome["rejected"],
+        "refused": outcome["refused"],
+        "epsilon": outcome["epsilon"],
+        "user_level_epsilon": server_ledger.spent_epsilon() if server_ledger else None,
+        "bytes_per_client": payload_bytes(global_adapter) // (2 if settings.wire_dtype == "float16" else 1),
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    state["adapter"] = run.save_adapter(server_round, global_adapter)
+    state["rounds"].append(record)
+    state["completed_round"] = server_round
+    run.commit(state)
+    log(INFO, "round %d/%d: train loss %.4f | held-out perplexity %.3f | ε spent max %.3f | "
+        "valid %d, dropouts %d, rejected %d, refused %d | %.1fs", server_round, settings.rounds,
+        record["train"].get("train-loss", math.nan), evaluation["perplexity"],
+        max(outcome["epsilon"].values(), default=0.0), record["valid"], len(record["dropouts"]),
+        len(record["rejected"]), len(record["refused"]), record["seconds"])
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> int:

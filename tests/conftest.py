@@ -42,3 +42,14 @@ def flower_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture(scope="session")
+def five_sites(tmp_path_factory, fed_root):
+    """A 5-site corpus (the SecAgg+ tests need five sites); the teacher is fed_root's."""
+    from common.data.generate import generate_corpus
+
+    root = tmp_path_factory.mktemp("five_sites")
+    generate_corpus(root / "corpus", n_clients=5, seed=11, public_records=60, train_per_client=40,
+                    heldout_per_client=10)
+    return {"data-dir": str(root / "corpus"), "model-dir": str(fed_root / "teacher")}

@@ -1,0 +1,115 @@
+"""Secure aggregation (Flower's SecAgg+ on its legacy workflow stack), end to end in simulation.
+
+The server only ever holds the unmasked mean; the sites keep what they released (the replay
+cache beside their ledger), which is what these tests compare the mean against.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.strategy.aggregate import aggregate
+from opacus.accountants import RDPAccountant
+
+from client.dp_lora import load_release
+from client.wire_log import wire_capture_mod
+from common.errors import ConfigError
+from common.privacy.ledger import PrivacyLedger
+from common.settings import RunSettings
+from server.checkpoint import RunDirectory
+from simulations.run import prepare_run, simulate
+from tests.conftest import fed_overrides
+
+CONFIG = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "dp-lora.toml"
+QUANTISATION_STEP = 2 * 8.0 / 2 ** 22  # SecAgg+: clip range ±8 mapped onto 2^22 integer levels
+
+
+def _secagg_run(five_sites, run_dir, mods=(), **changes):
+    overrides = fed_overrides(Path("/unused"), clients=5, rounds=1, min_clients=3, local_steps=2, batch_size=8,
+                              secure_aggregation=True, **five_sites)
+    overrides.update({k.replace("_", "-"): v for k, v in changes.items()})
+    overrides = {k.replace("_", "-"): v for k, v in overrides.items()}
+    state = simulate(prepare_run(RunSettings.from_toml(CONFIG, overrides), run_dir, False), client_mods=mods)
+    releases = {p.parent.name.removesuffix(".releases"): load_release(p)[0]
+                for p in sorted(run_dir.glob("ledgers/*.releases/*-round-1.safetensors"))}
+    return state, releases
+
+
+def test_secure_mean_equals_flowers_plain_mean_and_survives_a_dropout(five_sites, tmp_path):
+    # client_3 fails in its training step, i.e. after SecAgg+'s key exchange: the other four
+    # sites' shares unmask the round (threshold 3 of 5).
+    run_dir, wire = tmp_path / "run", tmp_path / "wire"
+    state, releases = _secagg_run(five_sites, run_dir, mods=(wire_capture_mod(wire),), fail_client="client_3",
+                                  fail_round=1)
+
+    assert state["completed_round"] == 1
+    record = state["rounds"][0]
+    assert record["valid"] == 4 and len(record["dropouts"]) == 1 and not record["refused"]
+    assert "fault injected: client_3" in record["dropouts"][0]["reason"]
+    assert sorted(releases) == ["client_0", "client_1", "client_2", "client_4"]
+    assert sorted(record["epsilon"]) == sorted(releases)
+    assert not (run_dir / "ledgers" / "client_3.json").exists()  # it never trained, so never charged
+
+    # The plain mean, by Flower's own FedAvg aggregate, of what the four sites released.
+    names = sorted(next(iter(releases.values())))
+    plain = aggregate([([r[n] for n in names], 1) for r in releases.values()])
+    secure = RunDirectory(run_dir).load_adapter(state["adapter"])
+    error = max(float(np.abs(secure[n] - p).max()) for n, p in zip(names, plain))
+    assert error <= QUANTISATION_STEP  # stochastic rounding: under one step per site, averaged
+    assert any(float(np.abs(r[n] - p).max()) > 100 * QUANTISATION_STEP
+               for r in releases.values() for n, p in zip(names, plain)), "sites released the same adapter"
+
+    # No site's adapter left it in the clear: no 64-byte run of any released tensor is on the wire.
+    sent = b"".join(p.read_bytes() for p in wire.glob("*-out.bin"))
+    assert len(list(wire.glob("*-out.bin"))) >= 4 * 4  # four stages, four sites that finished
+    for adapter in releases.values():
+        for name in names:
+            raw = np.ascontiguousarray(adapter[name], np.float32).tobytes()
+            for start in range(0, len(raw) - 64, max(64, len(raw) // 8)):
+                assert raw[start:start + 64] not in sent, f"{name} travelled unmasked"
+
+
+def test_secure_aggregation_with_central_dp_clips_at_the_site_and_noises_the_mean(five_sites, tmp_path):
+    # σ is small and C tiny so that both the clipping and the noise are measurable.
+    sigma, clip, n = 0.2, 0.02, 3
+    run_dir = tmp_path / "run"
+    state, releases = _secagg_run(five_sites, run_dir, central_dp=True, central_noise_multiplier=sigma,
+                                  central_clip=clip, central_epsilon=40.0)
+    assert state["rounds"][0]["valid"] == 5
+    run = RunDirectory(run_dir)
+    start, secure = run.load_adapter("adapters/round_0.safetensors"), run.load_adapter(state["adapter"])
+    names = sorted(start)
+
+    def clipped(adapter):  # what Flower's fixedclipping_mod makes of a site's update
+        update = [adapter[k].astype(np.float64) - start[k] for k in names]
+        norm = np.sqrt(sum(float(np.sum(u ** 2)) for u in update))
+        assert norm > clip, "the test needs updates the clipping actually shortens"
+        return [start[k] + u * (clip / norm) for k, u in zip(names, update)]
+
+    clipped_mean = aggregate([(clipped(r), 1) for r in releases.values()])
+    plain_mean = aggregate([([r[k] for k in names], 1) for r in releases.values()])
+    residual = np.concatenate([(secure[k] - m).ravel() for k, m in zip(names, clipped_mean)])
+    unclipped = np.concatenate([(secure[k] - m).ravel() for k, m in zip(names, plain_mean)])
+    std = sigma * clip / n
+    # 8,192 draws estimate a std to about ±0.8% (one standard error); the tolerance is 6%.
+    assert np.std(residual) == pytest.approx(std, rel=0.06)
+    assert np.sqrt(np.mean(unclipped ** 2)) > 1.5 * std  # against the unclipped mean it does not fit
+
+    accountant = RDPAccountant()
+    accountant.step(noise_multiplier=sigma, sample_rate=1.0)
+    ledger = PrivacyLedger.load(run_dir / "server_ledger.json")
+    assert ledger.spent_epsilon() == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-6)
+    assert state["rounds"][0]["user_level_epsilon"] == pytest.approx(ledger.spent_epsilon())
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"clients": 2, "min-clients": 2}, "at least 3 sites per round"),
+    ({"wire-dtype": "float16"}, "wire-dtype must be float32"),
+    ({"secagg-threshold": 0.0}, "secagg-shares and secagg-threshold"),
+])
+def test_bad_secure_aggregation_settings_are_refused_before_anything_runs(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        RunSettings.from_flat({"secure-aggregation": True, "clients": 5, "min-clients": 3, **changes})
