@@ -140,13 +140,18 @@ def part_scale(work: Path, args) -> None:
           f"{args.steps} DP-SGD steps each\n")
     print("| sites | wall (s) | per round (s): each | mean | peak PSS (tree) | peak RSS (tree, summed) | processes |")
     print("|---|---|---|---|---|---|---|")
+    rows = []
     for clients in args.clients:
         overrides = base_overrides(work, clients, args)
         fraction = min(1.0, args.per_round / clients)
-        overrides.update({"fraction-train": fraction, "fraction-evaluate": fraction})
-        r = spawn(work, f"scale-{clients}", overrides)
+        overrides["fraction-train"] = fraction  # fraction-evaluate follows it (the default)
+        if args.evaluate_all and clients == max(args.clients):
+            rows.append((f"{clients}, all evaluated", {**overrides, "fraction-evaluate": 1.0}))
+        rows.append((str(clients), overrides))
+    for label, overrides in rows:
+        r = spawn(work, f"scale-{label.replace(', ', '-').replace(' ', '-')}", overrides)
         mean = sum(r["round_s"]) / len(r["round_s"])
-        print(f"| {clients} | {r['wall_s']:.1f} | {', '.join(f'{s:.1f}' for s in r['round_s'])} | {mean:.1f} | "
+        print(f"| {label} | {r['wall_s']:.1f} | {', '.join(f'{s:.1f}' for s in r['round_s'])} | {mean:.1f} | "
               f"{mib(r['peak_pss'])} | {mib(r['peak_rss'])} | {r['processes']} |", flush=True)
 
 
@@ -173,6 +178,8 @@ def main() -> None:
     parser.add_argument("--part", choices=("scale", "cost", "both"), default="both")
     parser.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[10, 100])
     parser.add_argument("--per-round", type=int, default=10)
+    parser.add_argument("--evaluate-all", action="store_true",
+                        help="also run the largest federation with every site evaluated each round")
     parser.add_argument("--cost-clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)

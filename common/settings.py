@@ -31,7 +31,7 @@ class RunSettings:
     rounds: int = 3
     min_clients: int = 2            # valid replies needed for a round to complete
     fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0  # share of sites that report held-out perplexity each round
+    fraction_evaluate: float = 0.0  # share of sites that report held-out perplexity; 0: as fraction-train
     round_timeout: float = 600.0    # seconds to wait for replies before counting dropouts
     max_update_norm: float = 50.0   # L2 norm bound on (client adapter − global adapter)
     wire_dtype: str = "float32"     # adapter tensors on the wire
@@ -46,6 +46,10 @@ class RunSettings:
     central_clip: float = 1.0          # C: bound on each site's whole adapter update
     central_epsilon: float = 10.0      # the server's user-level budget for the run
     central_delta: float = 0.0         # 0: min(1e-5, 1/(10·clients))
+    central_clipping: str = "fixed"    # or "adaptive": C tracks a quantile of the update norms
+    central_target_quantile: float = 0.5  # adaptive: share of site updates that should be clipped
+    central_clip_lr: float = 0.2       # adaptive: how fast C moves
+    central_count_stddev: float = 0.0  # adaptive: noise std on the clipped count (0: min-clients/20)
     # Secure aggregation (Flower's SecAgg+; legacy workflow stack): the server sees only the sum.
     secure_aggregation: bool = False
     secagg_shares: float = 1.0         # share of a round's sites each site splits its keys among
@@ -122,9 +126,14 @@ class RunSettings:
         if self.min_clients > self.clients:
             raise ConfigError(f"min-clients ({self.min_clients}) is larger than clients ({self.clients}); "
                               "no round could ever complete. Lower min-clients or add clients")
-        for name in ("fraction_train", "fraction_evaluate"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ConfigError(f"{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
+        if not 0 < self.fraction_train <= 1:
+            raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if not 0 <= self.fraction_evaluate <= 1:
+            raise ConfigError(f"fraction-evaluate must be in (0, 1] (or 0: same as fraction-train), "
+                              f"got {self.fraction_evaluate}")
+        # Evaluating every site each round costs as much as training them all: with 100 sites and
+        # 10 sampled it would make a round ~10× slower, so by default it follows the sampling.
+        self.fraction_evaluate = self.fraction_evaluate or self.fraction_train
         if not (self.max_update_norm > 0 and math.isfinite(self.max_update_norm)):
             raise ConfigError(f"max-update-norm must be a positive number, got {self.max_update_norm}")
         if self.wire_dtype not in WIRE_DTYPES:
@@ -147,6 +156,9 @@ class RunSettings:
                               f"and {self.secagg_threshold}")
         if not self.secagg_clip_range > 0:
             raise ConfigError(f"secagg-clip-range must be > 0, got {self.secagg_clip_range}")
+        if self.central_dp and self.central_clipping != "fixed":
+            raise ConfigError("secure-aggregation supports central-clipping = fixed only (Flower's client-side adaptive "
+                              "clipping sends each site's clipped bit in the clear beside its masked update)")
         if self.wire_dtype != "float32":
             raise ConfigError("wire-dtype must be float32 with secure-aggregation (SecAgg+ quantises the adapter "
                               "itself); remove wire-dtype or set it to float32")
@@ -163,7 +175,9 @@ class RunSettings:
 
         per_round = sites_per_round(self.clients, self.fraction_train, self.min_clients)
         return plan_central_dp(self.clients, per_round, self.rounds, self.min_clients, self.central_noise_multiplier,
-                               self.central_clip, self.central_epsilon, self.central_delta or None)
+                               self.central_clip, self.central_epsilon, self.central_delta or None,
+                               clipping=self.central_clipping, target_quantile=self.central_target_quantile,
+                               clip_lr=self.central_clip_lr, count_stddev=self.central_count_stddev or None)
 
     def check_paths(self, need_data: bool = True) -> None:
         """Paths a simulation needs before anything starts (skipped for what it will generate)."""

@@ -88,3 +88,50 @@ def test_plan_over_budget_is_refused_before_round_one():
     ok = RunSettings.from_flat({"clients": 5, "min-clients": 5, "rounds": 3, "central-dp": True,
                                 "central-noise-multiplier": 5.0, "central-epsilon": 10.0})
     assert ok.central_plan().planned_epsilon() <= 10.0
+
+
+def _adaptive_run(strategy, current, scale, rounds=5):
+    """Five rounds in which every site moves every value by ``scale``; returns C after each."""
+    norms = []
+    for rnd in range(1, rounds + 1):
+        strategy.current_arrays = to_array_record(current)
+        strategy.aggregate_train(rnd, _replies([{k: v + scale for k, v in current.items()}] * 5))
+        norms.append(strategy.clipping_norm)
+    return norms
+
+
+@pytest.mark.parametrize("scale, grows", [(10.0, True), (1e-6, False)])
+def test_adaptive_clipping_moves_c_towards_the_update_norms(flower_identity, scale, grows):
+    # Every update's norm is ≈ scale·113 (12,800 values): far above C = 1 (all clipped: C must
+    # grow) or far below (none clipped: C must shrink). σ is tiny so the noisy count is exact.
+    plan = plan_central_dp(clients=10, per_round=5, rounds=1, min_clients=5, noise_multiplier=1e-3,
+                           clipping_norm=1.0, epsilon_budget=math.inf, clipping="adaptive", count_stddev=1e-3)
+    current = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    norms = _adaptive_run(wrap_strategy(FedAvg(weighted_by_key=UNIT_WEIGHT_KEY), plan), current, scale)
+    expected = [math.exp(0.2 * 0.5 * r * (1 if grows else -1)) for r in range(1, 6)]  # exp(±η(f − γ)) per round
+    assert norms == pytest.approx(expected, rel=1e-2)
+
+
+def test_flowers_own_adaptive_clipping_still_moves_the_wrong_way(flower_identity):
+    # Why common/privacy/central.py overrides Flower's update: in flwr 1.41 C shrinks while every
+    # update is clipped. When this fails, Flower has fixed it; drop AdaptiveClipping's override.
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping
+
+    flower = DifferentialPrivacyServerSideAdaptiveClipping(FedAvg(weighted_by_key=UNIT_WEIGHT_KEY), 1e-3, 5,
+                                                           initial_clipping_norm=1.0, clipped_count_stddev=1e-3)
+    current = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    assert _adaptive_run(flower, current, 10.0)[-1] < 1.0
+
+
+def test_adaptive_settings_are_checked_before_round_one():
+    with pytest.raises(ConfigError, match="raise central-count-stddev above 0.5"):
+        RunSettings.from_flat({"clients": 5, "min-clients": 5, "central-dp": True, "central-clipping": "adaptive",
+                               "central-noise-multiplier": 1.0, "central-epsilon": 100.0})
+    with pytest.raises(ConfigError, match="fixed only"):
+        RunSettings.from_flat({"clients": 5, "min-clients": 3, "central-dp": True, "central-clipping": "adaptive",
+                               "central-count-stddev": 2.0, "central-epsilon": 100.0, "secure-aggregation": True})
+    with pytest.raises(ConfigError, match="fixed or adaptive"):
+        RunSettings.from_flat({"clients": 5, "central-dp": True, "central-clipping": "median", "central-epsilon": 100.0})
+    ok = RunSettings.from_flat({"clients": 5, "min-clients": 5, "central-dp": True, "central-clipping": "adaptive",
+                                "central-count-stddev": 1.0, "central-noise-multiplier": 1.0, "central-epsilon": 100.0})
+    assert ok.central_plan().round_charge().noise_multiplier == 1.0  # the ledger charges the configured σ

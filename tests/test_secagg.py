@@ -28,7 +28,7 @@ QUANTISATION_STEP = 2 * 8.0 / 2 ** 22  # SecAgg+: clip range ±8 mapped onto 2^2
 
 
 def _secagg_run(five_sites, run_dir, mods=(), **changes):
-    overrides = fed_overrides(Path("/unused"), clients=5, rounds=1, min_clients=3, local_steps=2, batch_size=8,
+    overrides = fed_overrides(Path(five_sites["model-dir"]).parent, clients=5, rounds=1, min_clients=3, local_steps=2, batch_size=8,
                               secure_aggregation=True, **five_sites)
     overrides.update({k.replace("_", "-"): v for k, v in changes.items()})
     overrides = {k.replace("_", "-"): v for k, v in overrides.items()}
@@ -103,6 +103,8 @@ def test_secure_aggregation_with_central_dp_clips_at_the_site_and_noises_the_mea
     ledger = PrivacyLedger.load(run_dir / "server_ledger.json")
     assert ledger.spent_epsilon() == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-6)
     assert state["rounds"][0]["user_level_epsilon"] == pytest.approx(ledger.spent_epsilon())
+    card = (run_dir / "privacy_card.md").read_text()
+    assert "Secure aggregation (SecAgg+)" in card and "at each site before masking" in card
 
 
 @pytest.mark.parametrize("changes, message", [

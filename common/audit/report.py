@@ -125,12 +125,18 @@ def write_privacy_card(run_dir: Path) -> Path:
             ledger = PrivacyLedger.load(path)
             lines.append(f"| {ledger.client_id} | {ledger.spent_epsilon():.3f} | {ledger.delta:.1e} | "
                          f"{ledger.epsilon_budget:g} | {len(ledger.entries)} |")
+        secure = bool(settings.get("secure-aggregation"))
+        if secure:
+            lines += ["", "**Secure aggregation (SecAgg+):** the server saw only the mean of each round's sampled "
+                          "sites' adapters, never one site's update; this protects updates from the server, and adds "
+                          "no (ε, δ) of its own."]
         server = run_dir / "server_ledger.json"
         if server.exists():
             ledger = PrivacyLedger.load(server)
+            where = "at each site before masking (Flower's client-side" if secure else "by the server (Flower's server-side"
             lines += ["", f"**Also user-level central DP:** each site's whole update clipped to C = "
-                          f"{settings.get('central-clip')} and Gaussian noise on the mean (Flower's server-side "
-                          f"fixed-clipping wrapper), accounted by opacus RDP as a subsampled Gaussian per round: "
+                          f"{settings.get('central-clip')} {where} fixed clipping) and Gaussian noise on the mean, "
+                          f"accounted by opacus RDP as a subsampled Gaussian per round: "
                           f"ε = {ledger.spent_epsilon():.3f} at δ = {ledger.delta:.1e} for a site's entire "
                           f"contribution (budget {ledger.epsilon_budget:g}); see server_ledger.json."]
     else:

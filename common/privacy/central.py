@@ -10,12 +10,21 @@ Two choices keep the guarantee honest:
   influence on the mean would exceed C / n;
 - n is `min-clients`, the fewest valid replies a round can be aggregated from, so the noise
   is never too small for the sensitivity C / (valid replies) of the round actually released.
+
+Adaptive clipping (`central-clipping = "adaptive"`, Andrew et al. 2021) is Flower's
+`DifferentialPrivacyServerSideAdaptiveClipping`: C follows a noisy quantile of the update
+norms, and Flower raises the update noise so the update and the noisy count together are
+as private as one Gaussian step at the configured σ, which is what the ledger charges.
+Flower 1.41 moves C the wrong way (it shrinks C when most updates are clipped); the one-line
+override below fixes the direction, and a test fails once Flower fixes it upstream.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping
 
 from common.errors import ConfigError
 from common.privacy.accounting import epsilon_of
@@ -33,6 +42,10 @@ class CentralDPPlan:
     min_clients: int            # n in the noise std σ·C / n
     delta: float
     epsilon_budget: float
+    clipping: str = "fixed"           # or "adaptive" (C is then the initial norm)
+    target_quantile: float = 0.5      # adaptive: the share of updates that should be clipped
+    clip_lr: float = 0.2              # adaptive: geometric learning rate of C
+    count_stddev: float | None = None  # adaptive: noise std of the clipped count (None: n/20)
 
     @property
     def noise_std(self) -> float:
@@ -47,7 +60,8 @@ class CentralDPPlan:
 
 
 def plan_central_dp(clients: int, per_round: int, rounds: int, min_clients: int, noise_multiplier: float,
-                    clipping_norm: float, epsilon_budget: float, delta: float | None = None) -> CentralDPPlan:
+                    clipping_norm: float, epsilon_budget: float, delta: float | None = None,
+                    **adaptive) -> CentralDPPlan:
     """Validate and plan; refuses a run whose planned rounds would exceed the user-level budget."""
     if not noise_multiplier > 0:
         raise ConfigError(f"central-noise-multiplier must be > 0 for central DP, got {noise_multiplier}")
@@ -55,7 +69,16 @@ def plan_central_dp(clients: int, per_round: int, rounds: int, min_clients: int,
         raise ConfigError(f"central-clip must be > 0, got {clipping_norm}")
     delta = min(1e-5, 1 / (10 * clients)) if delta is None else delta
     plan = CentralDPPlan(noise_multiplier, clipping_norm, min(1.0, per_round / clients), rounds, min_clients,
-                         delta, epsilon_budget)
+                         delta, epsilon_budget, **adaptive)
+    if plan.clipping not in ("fixed", "adaptive"):
+        raise ConfigError(f"central-clipping must be fixed or adaptive, got {plan.clipping!r}")
+    if plan.clipping == "adaptive":
+        count_stddev = plan.count_stddev or min_clients / 20  # Flower's default
+        if not noise_multiplier < 2 * count_stddev:
+            raise ConfigError(
+                f"adaptive clipping: central-noise-multiplier {noise_multiplier} must be below 2 × the clipped-count "
+                f"noise std ({count_stddev:g}), or the update noise would be infinite; raise central-count-stddev "
+                f"above {noise_multiplier / 2:g}")
     planned = plan.planned_epsilon()
     if not planned <= epsilon_budget:
         raise ConfigError(
@@ -66,13 +89,29 @@ def plan_central_dp(clients: int, per_round: int, rounds: int, min_clients: int,
 
 
 def wrap_strategy(strategy, plan: CentralDPPlan):
-    """Flower's server-side fixed-clipping DP wrapper around ``strategy`` (no Flower accountant)."""
+    """Flower's server-side clipping DP wrapper around ``strategy`` (no Flower accountant)."""
     from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
     if getattr(strategy, "weighted_by_key", UNIT_WEIGHT_KEY) != UNIT_WEIGHT_KEY:
         raise ValueError("central DP needs equal site weights: build FedAvg with weighted_by_key='unit-weight'")
+    if plan.clipping == "adaptive":
+        return AdaptiveClipping(strategy, plan.noise_multiplier, num_sampled_clients=plan.min_clients,
+                                initial_clipping_norm=plan.clipping_norm, target_clipped_quantile=plan.target_quantile,
+                                clip_norm_lr=plan.clip_lr, clipped_count_stddev=plan.count_stddev)
     return DifferentialPrivacyServerSideFixedClipping(strategy, plan.noise_multiplier, plan.clipping_norm,
                                                       num_sampled_clients=plan.min_clients)
+
+
+class AdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's server-side adaptive clipping, with C moving the right way.
+
+    Flower feeds its update the noisy share of *clipped* updates f but keeps the rule written
+    for the share of *unclipped* ones, C ← C·exp(−η(f − γ)), so C shrinks when most updates
+    are clipped. With f: C ← C·exp(η(f − γ)) (Andrew et al., with b̄ = 1 − f, γ' = 1 − γ).
+    """
+
+    def _geometric_update(self, clipped_fraction: float) -> None:
+        self.clipping_norm *= math.exp(self.clip_norm_lr * (clipped_fraction - self.target_clipped_quantile))
 
 
 def sites_per_round(clients: int, fraction: float, min_clients: int) -> int:

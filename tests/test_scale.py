@@ -1,0 +1,49 @@
+"""100 simulated sites on one machine: only the sampled sites work, and the user-level
+central-DP accounting uses the real sampling rate (q = sites per round / sites < 1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+from common.data.generate import generate_corpus
+from common.privacy.ledger import PrivacyLedger
+from common.settings import RunSettings
+from simulations.run import prepare_run, simulate
+from tests.conftest import fed_overrides
+
+CONFIG = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "dp-lora.toml"
+
+
+def test_hundred_sites_ten_sampled_with_central_dp(fed_root, tmp_path):
+    corpus = tmp_path / "corpus"
+    generate_corpus(corpus, n_clients=100, seed=5, public_records=40, train_per_client=16, heldout_per_client=4)
+    overrides = fed_overrides(fed_root, clients=100, rounds=1, **{
+        "min-clients": 10, "fraction-train": 0.1, "local-steps": 2, "batch-size": 8, "data-dir": str(corpus),
+        "central-dp": True, "central-noise-multiplier": 1.0, "central-clip": 1.0, "central-epsilon": 100.0})
+    run_dir = tmp_path / "run"
+    state = simulate(prepare_run(RunSettings.from_toml(CONFIG, overrides), run_dir, False))
+
+    record = state["rounds"][0]
+    assert record["valid"] == 10 and not record["dropouts"] and not record["rejected"]
+    # Held-out evaluation follows the sampling (fraction-evaluate defaults to fraction-train):
+    # evaluating all 100 sites each round would cost as much as training them.
+    assert record["evaluate"]["clients"] == 10 and state["baseline"]["clients"] == 10
+    ledgers = sorted((run_dir / "ledgers").glob("*.json"))
+    assert len(ledgers) == 10  # only the sampled sites trained, each charged once
+    assert sorted(record["epsilon"]) == sorted(p.stem for p in ledgers)
+    assert all(len(PrivacyLedger.load(p).entries) == 1 for p in ledgers)
+
+    accountant = RDPAccountant()
+    accountant.step(noise_multiplier=1.0, sample_rate=0.1)  # one round, 10 of 100 sites
+    server = PrivacyLedger.load(run_dir / "server_ledger.json")
+    assert server.entries[0]["params"]["sample_rate"] == pytest.approx(0.1)
+    assert server.spent_epsilon() == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-6)
+
+
+def test_evaluation_follows_sampling_unless_set():
+    assert RunSettings.from_flat({"clients": 100, "fraction-train": 0.1}).fraction_evaluate == pytest.approx(0.1)
+    assert RunSettings.from_flat({"clients": 100, "fraction-train": 0.1,
+                                  "fraction-evaluate": 1.0}).fraction_evaluate == 1.0
