@@ -18,6 +18,8 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client import dp_lora, secagg
 from common.settings import RunSettings
@@ -49,7 +51,12 @@ def build_client_app(overrides: dict | None = None, mods: tuple = ()) -> ClientA
             "metrics": MetricRecord({k: v for k, v in metrics.items() if k != "client-id"}),
             "client": ConfigRecord({"client-id": site.client_id, "refusal": refusal}),
         })
-        return Message(content=content, reply_to=msg)
+        reply = Message(content=content, reply_to=msg)
+        if KEY_CLIPPING_NORM in msg.content["config"] and not refusal:
+            # User-level central DP with clipping at the site: Flower's mod clips this reply's
+            # update (adapter − global) to the server's C before it leaves.
+            reply = fixedclipping_mod(msg, context, lambda _msg, _context: reply)
+        return reply
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

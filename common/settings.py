@@ -47,6 +47,7 @@ class RunSettings:
     central_epsilon: float = 10.0      # the server's user-level budget for the run
     central_delta: float = 0.0         # 0: min(1e-5, 1/(10·clients))
     central_clipping: str = "fixed"    # or "adaptive": C tracks a quantile of the update norms
+    central_clip_at: str = "server"    # or "site": each site clips its own update (always, with SecAgg+)
     central_target_quantile: float = 0.5  # adaptive: share of site updates that should be clipped
     central_clip_lr: float = 0.2       # adaptive: how fast C moves
     central_count_stddev: float = 0.0  # adaptive: noise std on the clipped count (0: min-clients/20)
@@ -142,6 +143,9 @@ class RunSettings:
             raise ConfigError(f"round-timeout must be > 0 seconds, got {self.round_timeout}")
         if self.secure_aggregation:
             self.check_secure_aggregation()
+        if self.central_dp and self.central_clip_at == "site" and self.wire_dtype != "float32":
+            raise ConfigError("central-clip-at = site needs wire-dtype = float32 (the server checks each clipped "
+                              "update's norm against C exactly)")
         if self.central_dp:
             self.central_plan()  # refuses a plan over the server's user-level budget, before round 1
 
@@ -176,7 +180,9 @@ class RunSettings:
         per_round = sites_per_round(self.clients, self.fraction_train, self.min_clients)
         return plan_central_dp(self.clients, per_round, self.rounds, self.min_clients, self.central_noise_multiplier,
                                self.central_clip, self.central_epsilon, self.central_delta or None,
-                               clipping=self.central_clipping, target_quantile=self.central_target_quantile,
+                               clipping=self.central_clipping,
+                               clip_at="site" if self.secure_aggregation else self.central_clip_at,
+                               target_quantile=self.central_target_quantile,
                                clip_lr=self.central_clip_lr, count_stddev=self.central_count_stddev or None)
 
     def check_paths(self, need_data: bool = True) -> None:

@@ -26,7 +26,7 @@ from common.privacy.ledger import PrivacyLedger
 from common.settings import RunSettings
 from common.wire import from_array_record, payload_bytes, to_array_record
 from server.checkpoint import RunDirectory
-from server.validation import update_problem
+from server.validation import update_norm, update_problem
 
 
 class RoundFailed(RuntimeError):
@@ -216,6 +216,10 @@ def _reply_problem(reply: Message, global_adapter, settings) -> tuple[str | None
     problem = update_problem(update, global_adapter, settings.wire_dtype, settings.max_update_norm)
     if problem is None and settings.central_dp and all(np.array_equal(update[k], v) for k, v in global_adapter.items()):
         problem = "update is exactly zero (Flower's clipping cannot scale a zero update)"
+    if problem is None and settings.central_dp and settings.central_clip_at == "site":
+        norm = update_norm(update, global_adapter)
+        if norm > settings.central_clip * (1 + 1e-5):  # float32 rounding of a clipped update
+            problem = f"update norm {norm:.6g} exceeds central-clip {settings.central_clip:g}: the site did not clip"
     return problem, update
 
 

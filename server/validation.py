@@ -19,7 +19,6 @@ def update_problem(update: dict[str, np.ndarray], reference: dict[str, np.ndarra
         return f"missing tensor(s) {missing[:3]}{' …' if len(missing) > 3 else ''}"
     if unknown:
         return f"unknown tensor(s) {unknown[:3]}{' …' if len(unknown) > 3 else ''}"
-    squared = 0.0
     for name, ref in reference.items():
         value = update[name]
         if tuple(value.shape) != tuple(ref.shape):
@@ -28,8 +27,13 @@ def update_problem(update: dict[str, np.ndarray], reference: dict[str, np.ndarra
             return f"tensor {name} has dtype {value.dtype}, expected {wire_dtype}"
         if not np.isfinite(value).all():
             return f"tensor {name} has non-finite values (NaN or Inf)"
-        squared += float(np.sum((value.astype(np.float64) - ref.astype(np.float64)) ** 2))
-    norm = squared ** 0.5
+    norm = update_norm(update, reference)
     if not norm <= max_norm:
         return f"update norm {norm:.4g} exceeds the bound {max_norm:.4g}"
     return None
+
+
+def update_norm(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
+    """‖update − reference‖₂ over all tensors (float64)."""
+    return float(sum(np.sum((update[k].astype(np.float64) - ref.astype(np.float64)) ** 2)
+                     for k, ref in reference.items())) ** 0.5

@@ -80,14 +80,16 @@ def test_three_clients_two_rounds_improve_and_leak_nothing(fed_root, tmp_path):
 
 
 def test_client_failure_counts_as_dropout_and_is_not_charged(fed_root, tmp_path):
-    # Also runs with user-level central DP on (Flower's clipping wrapper + the server ledger),
-    # which must survive a dropout too.
+    # Also runs with user-level central DP clipped at the sites (Flower's client-side wrapper +
+    # fixedclipping_mod, the server checking every norm ≤ C) and the server ledger, which must
+    # survive a dropout too.
     run_dir = tmp_path / "run"
     state = simulate(_settings(fed_root, run_dir, name="faulty", **{
         "fail-client": "client_1", "fail-round": 1, "central-dp": True, "central-noise-multiplier": 2.0,
-        "central-clip": 1.0, "central-epsilon": 20.0}))
+        "central-clip": 0.05, "central-epsilon": 20.0, "central-clip-at": "site"}))
     assert state["completed_round"] == 2
     first, second = state["rounds"]
+    assert not first["rejected"] and not second["rejected"]  # every site clipped to C
     assert first["valid"] == 2 and len(first["dropouts"]) == 1 and "fault injected" in first["dropouts"][0]["reason"]
     assert second["valid"] == 3 and not second["dropouts"]
     assert _charges(run_dir / "ledgers" / "client_1.json") == ["faulty/round-2"]

@@ -47,3 +47,11 @@ def test_evaluation_follows_sampling_unless_set():
     assert RunSettings.from_flat({"clients": 100, "fraction-train": 0.1}).fraction_evaluate == pytest.approx(0.1)
     assert RunSettings.from_flat({"clients": 100, "fraction-train": 0.1,
                                   "fraction-evaluate": 1.0}).fraction_evaluate == 1.0
+
+
+@pytest.mark.parametrize("config", sorted(CONFIG.parent.glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(config):
+    settings = RunSettings.from_toml(config)
+    assert settings.clients >= settings.min_clients
+    if settings.central_dp:
+        assert settings.central_plan().planned_epsilon() <= settings.central_epsilon

@@ -115,3 +115,24 @@ def test_secure_aggregation_with_central_dp_clips_at_the_site_and_noises_the_mea
 def test_bad_secure_aggregation_settings_are_refused_before_anything_runs(changes, message):
     with pytest.raises(ConfigError, match=message):
         RunSettings.from_flat({"secure-aggregation": True, "clients": 5, "min-clients": 3, **changes})
+
+
+def test_a_failed_secure_round_resumes_without_charging_any_site_twice(five_sites, tmp_path):
+    # min-clients = 5: when client_1 fails in round 2 the secure sum has 4 adapters, the round
+    # is not committed, and the run stops at round 1. The resumed run redoes round 2: the four
+    # sites that already trained (and were charged) re-send what they released.
+    run_dir = tmp_path / "run"
+    state, _ = _secagg_run(five_sites, run_dir, rounds=2, min_clients=5, fail_client="client_1", fail_round=2)
+    assert state["completed_round"] == 1
+    assert sorted(PrivacyLedger.load(run_dir / "ledgers" / "client_0.json").entries[-1]["charge_id"].split("/")) \
+        == ["dp-lora", "round-2"]  # charged for the round that did not complete
+
+    overrides = fed_overrides(Path(five_sites["model-dir"]).parent, clients=5, rounds=2, local_steps=2,
+                              batch_size=8, secure_aggregation=True, min_clients=5, **five_sites)
+    overrides = {k.replace("_", "-"): v for k, v in overrides.items()}
+    state = simulate(prepare_run(RunSettings.from_toml(CONFIG, overrides), run_dir, True))
+    assert state["completed_round"] == 2 and [r["round"] for r in state["rounds"]] == [1, 2]
+    assert state["rounds"][1]["valid"] == 5
+    for i in range(5):
+        charges = [e["charge_id"] for e in PrivacyLedger.load(run_dir / "ledgers" / f"client_{i}.json").entries]
+        assert charges == ["dp-lora/round-1", "dp-lora/round-2"], f"client_{i}: {charges}"

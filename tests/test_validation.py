@@ -93,3 +93,25 @@ def test_missing_data_path_fails_before_anything_starts(tmp_path):
                                       "model-dir": str(tmp_path)})
     with pytest.raises(ConfigError, match="missing data file .*client_0"):
         settings.check_paths()
+
+
+def test_site_clipping_rejects_an_update_the_site_did_not_clip(flower_identity):
+    from server.server_app import sort_train_replies
+
+    settings = RunSettings.from_flat({"clients": 3, "min-clients": 2, "central-dp": True, "central-clip": 0.1,
+                                      "central-noise-multiplier": 5.0, "central-epsilon": 100.0,
+                                      "central-clip-at": "site"})
+    unit = np.full((4, 8), 1 / np.sqrt(32), np.float32)  # norm 1 over the A tensor
+    updates = {"clipped": {**REFERENCE, "a.lora_A.weight": 0.1 * unit},      # norm = C
+               "unclipped": {**REFERENCE, "a.lora_A.weight": 0.5 * unit}}    # norm = 5C
+    messages, replies = [], []
+    for i, (name, update) in enumerate(updates.items()):
+        request = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=i + 1, message_type=MessageType.TRAIN)
+        content = RecordDict({"arrays": to_array_record(update), "metrics": MetricRecord({"num-examples": 5}),
+                              "client": ConfigRecord({"client-id": name})})
+        messages.append(request)
+        replies.append(Message(content, reply_to=request))
+    outcome = sort_train_replies(messages, replies, REFERENCE, settings)
+    assert len(outcome["valid"]) == 1
+    assert [r["client"] for r in outcome["rejected"]] == ["unclipped"]
+    assert "did not clip" in outcome["rejected"][0]["reason"]

@@ -1,7 +1,11 @@
 """User-level central DP on the server: Flower's clipping + noise wrapper, opacus accounting.
 
 Each sampled site's whole adapter update is clipped to norm C and the FedAvg mean gets
-Gaussian noise of std σ·C / n (Flower's `DifferentialPrivacyServerSideFixedClipping`).
+Gaussian noise of std σ·C / n: by the server (`DifferentialPrivacyServerSideFixedClipping`,
+the default) or by each site before its update leaves (`central-clip-at = "site"`:
+`DifferentialPrivacyClientSideFixedClipping` + `fixedclipping_mod`; always so under SecAgg+,
+where the server never sees one update). With site clipping the server still checks that
+every update's norm is ≤ C, so a site that did not clip cannot weaken the guarantee.
 Accounting (opacus RDP, not Flower's: Flower's assumes no subsampling amplification) treats a
 round as one step of the subsampled Gaussian mechanism with q = sites per round / sites.
 
@@ -43,6 +47,7 @@ class CentralDPPlan:
     delta: float
     epsilon_budget: float
     clipping: str = "fixed"           # or "adaptive" (C is then the initial norm)
+    clip_at: str = "server"           # or "site": Flower's client-side clipping (fixedclipping_mod)
     target_quantile: float = 0.5      # adaptive: the share of updates that should be clipped
     clip_lr: float = 0.2              # adaptive: geometric learning rate of C
     count_stddev: float | None = None  # adaptive: noise std of the clipped count (None: n/20)
@@ -72,6 +77,11 @@ def plan_central_dp(clients: int, per_round: int, rounds: int, min_clients: int,
                          delta, epsilon_budget, **adaptive)
     if plan.clipping not in ("fixed", "adaptive"):
         raise ConfigError(f"central-clipping must be fixed or adaptive, got {plan.clipping!r}")
+    if plan.clip_at not in ("server", "site"):
+        raise ConfigError(f"central-clip-at must be server or site, got {plan.clip_at!r}")
+    if plan.clip_at == "site" and plan.clipping != "fixed":
+        raise ConfigError("central-clip-at = site supports central-clipping = fixed only; clip at the server for "
+                          "adaptive clipping")
     if plan.clipping == "adaptive":
         count_stddev = plan.count_stddev or min_clients / 20  # Flower's default
         if not noise_multiplier < 2 * count_stddev:
@@ -89,11 +99,15 @@ def plan_central_dp(clients: int, per_round: int, rounds: int, min_clients: int,
 
 
 def wrap_strategy(strategy, plan: CentralDPPlan):
-    """Flower's server-side clipping DP wrapper around ``strategy`` (no Flower accountant)."""
-    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+    """Flower's clipping DP wrapper around ``strategy`` (no Flower accountant)."""
+    from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
+                                         DifferentialPrivacyServerSideFixedClipping)
 
     if getattr(strategy, "weighted_by_key", UNIT_WEIGHT_KEY) != UNIT_WEIGHT_KEY:
         raise ValueError("central DP needs equal site weights: build FedAvg with weighted_by_key='unit-weight'")
+    if plan.clip_at == "site":  # the sites clip (Flower's fixedclipping_mod); the server only adds noise
+        return DifferentialPrivacyClientSideFixedClipping(strategy, plan.noise_multiplier, plan.clipping_norm,
+                                                          num_sampled_clients=plan.min_clients)
     if plan.clipping == "adaptive":
         return AdaptiveClipping(strategy, plan.noise_multiplier, num_sampled_clients=plan.min_clients,
                                 initial_clipping_norm=plan.clipping_norm, target_clipped_quantile=plan.target_quantile,
