@@ -8,9 +8,10 @@ Prints figures; asserts nothing. Two parts, each run as fresh subprocesses one a
          held-out split and ledger. Same per-round work, so the wall time per round should
          not grow with the number of sites; peak memory is the whole process tree's.
   cost   ``--cost-clients`` sites, all sampled, R rounds, four ways: plain, secagg (SecAgg+),
-         central-dp (server-side clipping), secagg+central-dp (client-side clipping). The
-         ratios are of the mean round time (sampling → masked sum / aggregate → evaluation
-         → checkpoint; Ray's start-up is outside the rounds), measured in one invocation.
+         central-dp (server-side clipping), secagg+central-dp (client-side clipping), in
+         ``--passes`` passes with the order reversed every other pass. The ratios are of the
+         mean round time (sampling → masked sum / aggregate → evaluation → checkpoint; Ray's
+         start-up is outside the rounds), measured in one invocation.
 
 Memory: a sampler thread sums, every 0.5 s, the PSS (proportional set size: shared pages
 split between the processes sharing them, so torch's libraries are not counted once per Ray
@@ -157,20 +158,28 @@ def part_scale(work: Path, args) -> None:
 
 def part_cost(work: Path, args) -> None:
     clients = args.cost_clients
+    order = list(COST_MODES)
     print(f"\n## cost: {clients} sites, all sampled, {args.rounds} rounds, {args.steps} DP-SGD steps each; "
-          f"order {' → '.join(COST_MODES)}\n")
-    print("| mode | wall (s) | per round (s): each | mean | × plain | peak PSS |")
+          f"{args.passes} pass(es), the order reversed every other pass\n")
+    print("| pass | mode | wall (s) | per round (s): each | mean | peak PSS |")
     print("|---|---|---|---|---|---|")
-    plain = None
-    for label, extra in COST_MODES.items():
-        overrides = {**base_overrides(work, clients, args), "min-clients": 3, **extra}
-        if extra.get("central-dp"):
-            overrides.update(CENTRAL)
-        r = spawn(work, label, overrides)
-        mean = sum(r["round_s"]) / len(r["round_s"])
-        plain = plain or mean
-        print(f"| {label} | {r['wall_s']:.1f} | {', '.join(f'{s:.1f}' for s in r['round_s'])} | {mean:.1f} | "
-              f"{mean / plain:.2f} | {mib(r['peak_pss'])} |", flush=True)
+    means: dict[str, list[float]] = {label: [] for label in order}
+    for p in range(args.passes):
+        for label in order if p % 2 == 0 else order[::-1]:
+            extra = COST_MODES[label]
+            overrides = {**base_overrides(work, clients, args), "min-clients": 3, **extra}
+            if extra.get("central-dp"):
+                overrides.update(CENTRAL)
+            r = spawn(work, label, overrides)
+            means[label].append(sum(r["round_s"]) / len(r["round_s"]))
+            print(f"| {p + 1} | {label} | {r['wall_s']:.1f} | {', '.join(f'{s:.1f}' for s in r['round_s'])} | "
+                  f"{means[label][-1]:.1f} | {mib(r['peak_pss'])} |", flush=True)
+    plain = sum(means["plain"]) / len(means["plain"])
+    print("\n| mode | mean round (s), all passes | × plain | × plain per pass |")
+    print("|---|---|---|---|")
+    for label, values in means.items():
+        per_pass = ", ".join(f"{v / p:.2f}" for v, p in zip(values, means["plain"]))
+        print(f"| {label} | {sum(values) / len(values):.1f} | {sum(values) / len(values) / plain:.2f} | {per_pass} |")
 
 
 def main() -> None:
@@ -182,6 +191,7 @@ def main() -> None:
                         help="also run the largest federation with every site evaluated each round")
     parser.add_argument("--cost-clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--passes", type=int, default=2, help="cost part: passes, alternating the order")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--train-per-client", type=int, default=60)
     parser.add_argument("--work", type=Path, default=Path("/tmp/privdistill-bench-scale"))

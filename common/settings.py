@@ -110,7 +110,8 @@ class RunSettings:
         """Flat scalar mapping for Flower's run config (None values are left out)."""
         flat = {k.replace("_", "-"): v for k, v in asdict(self).items() if k != "dp" and v is not None}
         for key, value in self.dp.to_dict().items():
-            if value is None:
+            # None has no run-config form; "rounds" and "seed" are the run's own (dp.rounds copies it)
+            if value is None or key.replace("_", "-") in flat:
                 continue
             if isinstance(value, list):
                 value = ",".join(value)

@@ -5,6 +5,7 @@ our private CA, `flower-superlink` on one free port, two `flower-supernode`s (di
 runtime ports) whose node configs point at client_0 / client_1 of a tiny generated corpus,
 then `flwr run <repo> <connection> --run-config ... --stream` for 2 rounds. The run must
 commit round 2, and each site's ledger must hold exactly the round-1 and round-2 charges.
+The same with three SuperNodes and SecAgg+ (one round), and with node authentication.
 
 Every process is started in its own process group and stopped in teardown (SIGTERM, then
 SIGKILL), together with the detached helpers Flower spawns (found by parent pid).
@@ -218,13 +219,13 @@ def run_flwr(processes, connection: str, run_config: str, cli_env: dict) -> subp
     return flwr
 
 
-def make_sites(corpus: Path, teacher: Path) -> None:
-    """A tiny corpus (2 clients) and a tiny warmed-up teacher."""
+def make_sites(corpus: Path, teacher: Path, sites: int = 2) -> None:
+    """A tiny corpus (``sites`` clients) and a tiny warmed-up teacher."""
     from common.data.generate import generate_corpus
     from common.data.loading import load_records
     from common.models.warmup import warmup_teacher
 
-    generate_corpus(corpus, n_clients=2, seed=1, public_records=200, train_per_client=60, heldout_per_client=20)
+    generate_corpus(corpus, n_clients=sites, seed=1, public_records=200, train_per_client=60, heldout_per_client=20)
     # steps=12, not 10: OneCycleLR(pct_start=0.1) divides by zero at exactly 10 total steps
     warmup_teacher([r.text for r in load_records(corpus / "public.jsonl")], teacher, spec="tiny-gpt2", steps=12,
                    progress=False)
@@ -313,9 +314,8 @@ def test_run_exit_code_follows_the_run_status(monkeypatch, capsys):
 
 
 # ---------------------------------------------------------------------------- the real thing
-def test_two_sites_over_tls(tmp_path, processes):
-    from common.privacy.ledger import PrivacyLedger
-
+def deploy_over_tls(tmp_path, processes, sites: int, rounds: int, extra: dict) -> tuple[dict, list[Path]]:
+    """SuperLink (TLS) + ``sites`` SuperNodes + `flwr run` of this app; returns (run state, site ledgers)."""
     started = time.monotonic()
 
     def mark(what: str) -> None:
@@ -327,11 +327,11 @@ def test_two_sites_over_tls(tmp_path, processes):
     def env(name: str) -> dict:
         return process_env(tmp_path, name)
 
-    ledgers = [tmp_path / f"site_{i}" / "ledger.json" for i in range(2)]
+    ledgers = [tmp_path / f"site_{i}" / "ledger.json" for i in range(sites)]
 
     def boot(attempt: int):
-        """SuperLink + 2 SuperNodes on fresh free ports; None if a port was taken meanwhile."""
-        superlink_port, *node_ports = free_ports(3)
+        """SuperLink + the SuperNodes on fresh free ports; None if a port was taken meanwhile."""
+        superlink_port, *node_ports = free_ports(1 + sites)
         address = f"127.0.0.1:{superlink_port}"
         argv = superlink_command(superlink_port, CertPaths.in_dir(certs.ca_cert.parent))
         name = f"superlink{attempt}"
@@ -344,7 +344,7 @@ def test_two_sites_over_tls(tmp_path, processes):
             name = f"supernode_{i}{attempt}"
             launched.append((name, port, processes.start(name, argv, env(f"supernode_{i}"))))
         if attempt == 0:  # the processes boot while the data and the teacher are made (read per message)
-            make_sites(corpus, teacher)
+            make_sites(corpus, teacher, sites)
             mark("corpus and teacher ready")
         for name, port, proc in launched:
             if not wait_listening(port, proc, 90):
@@ -366,9 +366,9 @@ def test_two_sites_over_tls(tmp_path, processes):
     connection = "deploy-test"
     write_connection(cli_env["FLWR_HOME"], address, ca_cert=certs.ca_cert, name=connection)
     run_dir = tmp_path / "run"
-    run_config = format_config({"rounds": ROUNDS, "min-clients": 2, "clients": 2, "local-steps": 3,
+    run_config = format_config({"rounds": rounds, "min-clients": 2, "clients": sites, "local-steps": 3,
                                 "epsilon": EPSILON, "round-timeout": 120.0, "run-dir": str(run_dir),
-                                "model-dir": str(teacher), "data-dir": str(corpus), "name": "deploy-test"})
+                                "model-dir": str(teacher), "data-dir": str(corpus), "name": "deploy-test", **extra})
     flwr = run_flwr(processes, connection, run_config, cli_env)
     mark(f"flwr run exited with {flwr.returncode}")
 
@@ -376,22 +376,39 @@ def test_two_sites_over_tls(tmp_path, processes):
     started_run = re.search(r"Successfully started run (\d+)", processes.log("flwr_run", tail=1_000_000))
     assert started_run, processes.logs()
     assert run_status(connection, started_run.group(1), cli_env) == "finished:completed", processes.logs()
-
     state_path = run_dir / "state.json"
     assert state_path.is_file(), f"no run state written\n{processes.logs()}"
-    state = json.loads(state_path.read_text())
+    return json.loads(state_path.read_text()), ledgers
+
+
+def check_site_ledgers(state: dict, ledgers: list[Path], rounds: int) -> None:
+    from common.privacy.ledger import PrivacyLedger
+
+    for i, ledger_path in enumerate(ledgers):
+        assert ledger_path.is_file(), f"site {i} has no ledger"
+        ledger = PrivacyLedger.load(ledger_path)
+        assert ledger.client_id == f"client_{i}"
+        assert [e["charge_id"] for e in ledger.entries] == [f"deploy-test/round-{r}" for r in range(1, rounds + 1)]
+        assert 0 < ledger.spent_epsilon() <= EPSILON + 1e-9
+        assert state["rounds"][-1]["epsilon"][f"client_{i}"] == pytest.approx(ledger.spent_epsilon())
+
+
+def test_two_sites_over_tls(tmp_path, processes):
+    state, ledgers = deploy_over_tls(tmp_path, processes, sites=2, rounds=ROUNDS, extra={})
     assert state["completed_round"] == ROUNDS, processes.logs()
     assert [r["round"] for r in state["rounds"]] == [1, 2]
     assert all(r["valid"] == 2 and not r["dropouts"] and not r["rejected"] for r in state["rounds"]), state["rounds"]
-    assert (run_dir / state["adapter"]).is_file()
-    for i, ledger_path in enumerate(ledgers):
-        assert ledger_path.is_file(), f"site {i} has no ledger\n{processes.logs()}"
-        ledger = PrivacyLedger.load(ledger_path)
-        assert ledger.client_id == f"client_{i}"
-        assert [e["charge_id"] for e in ledger.entries] == ["deploy-test/round-1", "deploy-test/round-2"]
-        assert 0 < ledger.spent_epsilon() <= EPSILON + 1e-9
-        assert state["rounds"][-1]["epsilon"][f"client_{i}"] == pytest.approx(ledger.spent_epsilon())
-    mark("checks passed")
+    assert (tmp_path / "run" / state["adapter"]).is_file()
+    check_site_ledgers(state, ledgers, ROUNDS)
+
+
+def test_secure_aggregation_over_tls(tmp_path, processes):
+    # SecAgg+ between real processes: four train messages per site and round, the SecAgg+ mod's
+    # state kept by each SuperNode between them.
+    state, ledgers = deploy_over_tls(tmp_path, processes, sites=3, rounds=1, extra={"secure-aggregation": True})
+    assert state["completed_round"] == 1, processes.logs()
+    assert state["rounds"][0]["valid"] == 3 and not state["rounds"][0]["dropouts"], state["rounds"]
+    check_site_ledgers(state, ledgers, 1)
 
 
 def test_supernode_auth_admits_only_registered_keys(tmp_path, processes):

@@ -55,3 +55,15 @@ def test_shipped_configs_are_valid(config):
     assert settings.clients >= settings.min_clients
     if settings.central_dp:
         assert settings.central_plan().planned_epsilon() <= settings.central_epsilon
+
+
+def test_every_setting_is_declared_for_flwr_run():
+    # `flwr run --run-config` refuses keys that pyproject's [tool.flwr.app.config] lacks.
+    import tomllib
+
+    declared = tomllib.loads((CONFIG.parents[2] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(declared) == set(RunSettings().to_run_config())
+    settings = RunSettings.from_flat({**declared, "seed": 11, "secure-aggregation": True, "clients": 5,
+                                      "min-clients": 3})
+    again = RunSettings.from_flat(settings.to_run_config())  # the round trip simulate() makes
+    assert (again.seed, again.secure_aggregation, again.fraction_evaluate) == (11, True, 1.0)
