@@ -22,7 +22,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-ADAPTER_NAMES_KEY = "adapter-names"  # the same key server/secagg.py sends
+from common.wire import ADAPTER_NAMES_KEY
 
 # (global adapter, server round) → (adapter to release, metrics, refusal reason or "")
 RoundTrainer = Callable[[dict[str, np.ndarray], int], tuple[dict[str, np.ndarray], dict, str]]

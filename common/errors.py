@@ -26,3 +26,7 @@ class LedgerError(UserError):
 
 class BudgetExceeded(UserError):
     """A request would push a client past its privacy budget; nothing was run or charged."""
+
+
+class RoundFailed(UserError):
+    """A round could not be aggregated (too few valid replies); its state is kept, resume to retry."""

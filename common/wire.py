@@ -5,6 +5,10 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+# Flower's legacy stack (used for SecAgg+) sends parameters as a bare list of arrays: the
+# adapter's tensor names travel beside it in the fit config, in this (sorted) order.
+ADAPTER_NAMES_KEY = "adapter-names"
+
 
 def to_array_record(tensors: dict[str, np.ndarray], dtype: str = "float32") -> ArrayRecord:
     return ArrayRecord({name: Array(np.ascontiguousarray(value, dtype=dtype)) for name, value in tensors.items()})

@@ -36,12 +36,13 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 
+from common.errors import RoundFailed
 from common.settings import RunSettings
-from server.server_app import (RoundFailed, _short, commit_round, evaluate_baseline, make_evaluator, open_run,
-                               open_server_ledger, wait_for_nodes)
+from common.wire import ADAPTER_NAMES_KEY
+from server.server_app import (_short, commit_round, evaluate_baseline, make_evaluator, open_run, open_server_ledger,
+                               wait_for_nodes)
 from server.validation import update_problem
 
-ADAPTER_NAMES_KEY = "adapter-names"  # legacy parameters are a bare list: the names travel in the config
 
 
 def run_secagg_federation(grid: Grid, context: Context, settings: RunSettings) -> dict:

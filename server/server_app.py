@@ -20,17 +20,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from common.errors import ConfigError
+from common.errors import ConfigError, RoundFailed
 from common.privacy.central import UNIT_WEIGHT_KEY, wrap_strategy
 from common.privacy.ledger import PrivacyLedger
 from common.settings import RunSettings
 from common.wire import from_array_record, payload_bytes, to_array_record
 from server.checkpoint import RunDirectory
 from server.validation import update_norm, update_problem
-
-
-class RoundFailed(RuntimeError):
-    """Fewer than min-clients valid replies: the round is not committed (resume to retry)."""
 
 
 def build_server_app(overrides: dict | None = None) -> ServerApp:

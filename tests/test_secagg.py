@@ -10,14 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy.aggregate import aggregate
 from opacus.accountants import RDPAccountant
 
 from client.dp_lora import load_release
 from client.wire_log import wire_capture_mod
-from common.errors import ConfigError
-from common.privacy.ledger import PrivacyLedger
+from common.errors import ConfigError, RoundFailed
+from common.privacy.ledger import DPSGDCharge, PrivacyLedger
 from common.settings import RunSettings
 from server.checkpoint import RunDirectory
 from simulations.run import prepare_run, simulate
@@ -27,29 +26,39 @@ CONFIG = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "dp-l
 QUANTISATION_STEP = 2 * 8.0 / 2 ** 22  # SecAgg+: clip range ±8 mapped onto 2^22 integer levels
 
 
+def _overrides(five_sites, **changes) -> dict:
+    """5 sites, 1 round, SecAgg+ on; ``changes`` use underscores for dashes (min_clients=...)."""
+    settings = {"clients": 5, "rounds": 1, "min_clients": 3, "local_steps": 2, "batch_size": 8,
+                "secure_aggregation": True, **changes}
+    return fed_overrides(Path(five_sites["model-dir"]).parent, **five_sites,
+                         **{k.replace("_", "-"): v for k, v in settings.items()})
+
+
 def _secagg_run(five_sites, run_dir, mods=(), **changes):
-    overrides = fed_overrides(Path(five_sites["model-dir"]).parent, clients=5, rounds=1, min_clients=3, local_steps=2, batch_size=8,
-                              secure_aggregation=True, **five_sites)
-    overrides.update({k.replace("_", "-"): v for k, v in changes.items()})
-    overrides = {k.replace("_", "-"): v for k, v in overrides.items()}
+    overrides = _overrides(five_sites, **changes)
     state = simulate(prepare_run(RunSettings.from_toml(CONFIG, overrides), run_dir, False), client_mods=mods)
     releases = {p.parent.name.removesuffix(".releases"): load_release(p)[0]
                 for p in sorted(run_dir.glob("ledgers/*.releases/*-round-1.safetensors"))}
     return state, releases
 
 
-def test_secure_mean_equals_flowers_plain_mean_and_survives_a_dropout(five_sites, tmp_path):
-    # client_3 fails in its training step, i.e. after SecAgg+'s key exchange: the other four
-    # sites' shares unmask the round (threshold 3 of 5).
+def test_secure_mean_equals_flowers_plain_mean_through_a_dropout_and_a_refusal(five_sites, tmp_path):
+    # client_3 fails in its training step, i.e. after SecAgg+'s key exchange; client_2 has almost
+    # spent its budget in an earlier run and refuses (to SecAgg+ that is a dropout too). With a
+    # threshold of 3 of 5 shares the three remaining sites still unmask the round.
     run_dir, wire = tmp_path / "run", tmp_path / "wire"
+    spent = PrivacyLedger.open(run_dir / "ledgers" / "client_2.json", "client_2", 8.0, 1e-5)
+    spent.charge("earlier/round-1", DPSGDCharge(1.0, 1.0, 2, 1.0), run_id="earlier")  # ε ≈ 7.08 of 8
     state, releases = _secagg_run(five_sites, run_dir, mods=(wire_capture_mod(wire),), fail_client="client_3",
                                   fail_round=1)
 
     assert state["completed_round"] == 1
     record = state["rounds"][0]
-    assert record["valid"] == 4 and len(record["dropouts"]) == 1 and not record["refused"]
+    assert record["valid"] == 3 and len(record["dropouts"]) == 1 and len(record["refused"]) == 1
     assert "fault injected: client_3" in record["dropouts"][0]["reason"]
-    assert sorted(releases) == ["client_0", "client_1", "client_2", "client_4"]
+    assert "refused" in record["refused"][0]["reason"] and "budget" in record["refused"][0]["reason"]
+    assert [e["charge_id"] for e in PrivacyLedger.load(spent.path).entries] == ["earlier/round-1"]
+    assert sorted(releases) == ["client_0", "client_1", "client_4"]
     assert sorted(record["epsilon"]) == sorted(releases)
     assert not (run_dir / "ledgers" / "client_3.json").exists()  # it never trained, so never charged
 
@@ -64,7 +73,7 @@ def test_secure_mean_equals_flowers_plain_mean_and_survives_a_dropout(five_sites
 
     # No site's adapter left it in the clear: no 64-byte run of any released tensor is on the wire.
     sent = b"".join(p.read_bytes() for p in wire.glob("*-out.bin"))
-    assert len(list(wire.glob("*-out.bin"))) >= 4 * 4  # four stages, four sites that finished
+    assert len(list(wire.glob("*-out.bin"))) >= 4 * 3  # four stages, three sites that finished
     for adapter in releases.values():
         for name in names:
             raw = np.ascontiguousarray(adapter[name], np.float32).tobytes()
@@ -122,14 +131,13 @@ def test_a_failed_secure_round_resumes_without_charging_any_site_twice(five_site
     # is not committed, and the run stops at round 1. The resumed run redoes round 2: the four
     # sites that already trained (and were charged) re-send what they released.
     run_dir = tmp_path / "run"
-    state, _ = _secagg_run(five_sites, run_dir, rounds=2, min_clients=5, fail_client="client_1", fail_round=2)
-    assert state["completed_round"] == 1
+    with pytest.raises(RoundFailed, match="round 2: secure aggregation did not complete .4 masked adapters, need 5"):
+        _secagg_run(five_sites, run_dir, rounds=2, min_clients=5, fail_client="client_1", fail_round=2)
+    assert RunDirectory(run_dir).load_state()["completed_round"] == 1
     assert sorted(PrivacyLedger.load(run_dir / "ledgers" / "client_0.json").entries[-1]["charge_id"].split("/")) \
         == ["dp-lora", "round-2"]  # charged for the round that did not complete
 
-    overrides = fed_overrides(Path(five_sites["model-dir"]).parent, clients=5, rounds=2, local_steps=2,
-                              batch_size=8, secure_aggregation=True, min_clients=5, **five_sites)
-    overrides = {k.replace("_", "-"): v for k, v in overrides.items()}
+    overrides = _overrides(five_sites, rounds=2, min_clients=5)
     state = simulate(prepare_run(RunSettings.from_toml(CONFIG, overrides), run_dir, True))
     assert state["completed_round"] == 2 and [r["round"] for r in state["rounds"]] == [1, 2]
     assert state["rounds"][1]["valid"] == 5
