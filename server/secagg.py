@@ -39,10 +39,9 @@ from flwr.serverapp import Grid
 from common.errors import RoundFailed
 from common.settings import RunSettings
 from common.wire import ADAPTER_NAMES_KEY
-from server.server_app import (_short, commit_round, evaluate_baseline, make_evaluator, open_run, open_server_ledger,
-                               wait_for_nodes)
+from server.server_app import (commit_round, evaluate_baseline, make_evaluator, open_run, open_server_ledger,
+                               short_reason, wait_for_nodes)
 from server.validation import update_problem
-
 
 
 def run_secagg_federation(grid: Grid, context: Context, settings: RunSettings) -> dict:
@@ -122,7 +121,7 @@ class SecAggFedAvg(FedAvg):
         """Keep each failure's reason once (SecAggPlusWorkflow lists a stage-2 failure twice)."""
         reasons = self.outcomes[self.offset + server_round].setdefault("reasons", [])
         for failure in failures:
-            reason = _short(getattr(getattr(failure, "args", [None])[0], "reason", "") or str(failure))
+            reason = short_reason(getattr(getattr(failure, "args", [None])[0], "reason", "") or str(failure))
             if reason not in reasons:
                 reasons.append(reason)
                 log(WARNING, "round %d: a site left the round: %s", self.offset + server_round, reason)

@@ -173,7 +173,7 @@ def sort_train_replies(messages: list[Message], replies: list[Message], global_a
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            dropouts.append({"node": node, "reason": f"client error {reply.error.code}: {_short(reply.error.reason)}"})
+            dropouts.append({"node": node, "reason": f"client error {reply.error.code}: {short_reason(reply.error.reason)}"})
             log(WARNING, "node %s dropped out: %s", node, dropouts[-1]["reason"])
             continue
         client = reply.content["client"]["client-id"] if "client" in reply.content else str(node)
@@ -194,7 +194,7 @@ def sort_train_replies(messages: list[Message], replies: list[Message], global_a
     return {"valid": valid, "dropouts": dropouts, "rejected": rejected, "refused": refused, "epsilon": epsilon}
 
 
-def _short(reason: str) -> str:
+def short_reason(reason: str) -> str:
     """The exception line of a (possibly Ray-wrapped) client traceback."""
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in reason.splitlines()]
     errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)]

@@ -143,3 +143,15 @@ def test_epsilon_of_validates(history, delta, accountant):
 def test_unreachable_target_is_a_config_error():
     with pytest.raises(ConfigError, match="cannot be met"):
         calibrate_noise(1e-4, 1e-10, 1.0, 10_000, "rdp")
+
+
+def test_calibration_is_computed_once_per_plan():
+    # The simulation calls it for every site and round; the second call must be a cache hit
+    # returning the very same σ (opacus's search is deterministic, but costs seconds).
+    calibrate_noise.cache_clear()
+    first = calibrate_noise(3.0, 1e-5, 0.05, 40)
+    again = calibrate_noise(3.0, 1e-5, 0.05, 40)
+    other = calibrate_noise(3.0, 1e-5, 0.05, 80)
+    info = calibrate_noise.cache_info()
+    assert first == again and other > first
+    assert (info.hits, info.misses) == (1, 2)

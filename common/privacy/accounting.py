@@ -18,6 +18,7 @@ opacus (and so torch) is imported lazily, on the first computation.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from numbers import Integral, Real
@@ -41,6 +42,9 @@ def default_delta(n_records: int) -> float:
     return min(1e-5, 1.0 / (10 * int(n_records)))
 
 
+# A pure function of its arguments that costs seconds (opacus's search): a simulation actor
+# serving many sites, round after round, calibrates each distinct plan once.
+@functools.lru_cache(maxsize=256)
 def calibrate_noise(
     target_epsilon: float,
     delta: float,
