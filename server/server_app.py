@@ -2,9 +2,11 @@
 
 Each round: sample clients (Flower's FedAvg) → send the global adapter → collect replies →
 drop errors, timeouts, refusals and invalid updates (each logged with its node and reason)
-→ FedAvg of the valid ones weighted by examples → evaluate on every client's held-out
-split (weighted by records) → write adapter + round state atomically. `resume` continues
-from the last completed round. Frozen base weights never travel.
+→ FedAvg of the valid ones weighted by examples (or equally, under central DP) → evaluate
+on a sample of sites' held-out splits (`fraction-evaluate`, by default as many as trained;
+weighted by records) → write adapter + round state atomically. `resume` continues from the
+last completed round. Frozen base weights never travel. `secure-aggregation` runs the same
+round through Flower's SecAgg+ instead (server/secagg.py).
 """
 
 from __future__ import annotations
