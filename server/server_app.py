@@ -16,7 +16,6 @@ import re
 import time
 from logging import INFO, WARNING
 
-import numpy as np
 from flwr.app import ConfigRecord, Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -28,7 +27,7 @@ from common.privacy.ledger import PrivacyLedger
 from common.settings import RunSettings
 from common.wire import from_array_record, payload_bytes, to_array_record
 from server.checkpoint import RunDirectory
-from server.validation import update_norm, update_problem
+from server.validation import update_problem
 
 
 def build_server_app(overrides: dict | None = None) -> ServerApp:
@@ -211,13 +210,9 @@ def _reply_problem(reply: Message, global_adapter, settings) -> tuple[str | None
     if not isinstance(examples, (int, float)) or not examples > 0:
         return f"num-examples must be positive, got {examples!r}", None
     update = from_array_record(reply.content["arrays"])
-    problem = update_problem(update, global_adapter, settings.wire_dtype, settings.max_update_norm)
-    if problem is None and settings.central_dp and all(np.array_equal(update[k], v) for k, v in global_adapter.items()):
-        problem = "update is exactly zero (Flower's clipping cannot scale a zero update)"
-    if problem is None and settings.central_dp and settings.central_clip_at == "site":
-        norm = update_norm(update, global_adapter)
-        if norm > settings.central_clip * (1 + 1e-5):  # float32 rounding of a clipped update
-            problem = f"update norm {norm:.6g} exceeds central-clip {settings.central_clip:g}: the site did not clip"
+    site_clipped = settings.central_dp and settings.central_clip_at == "site"
+    problem = update_problem(update, global_adapter, settings.wire_dtype, settings.max_update_norm,
+                             nonzero=settings.central_dp, clipped_to=settings.central_clip if site_clipped else None)
     return problem, update
 
 

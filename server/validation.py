@@ -11,8 +11,12 @@ import numpy as np
 
 
 def update_problem(update: dict[str, np.ndarray], reference: dict[str, np.ndarray], wire_dtype: str,
-                   max_norm: float) -> str | None:
-    """Why ``update`` must not be aggregated, or None when it is acceptable."""
+                   max_norm: float, *, nonzero: bool = False, clipped_to: float | None = None) -> str | None:
+    """Why ``update`` must not be aggregated, or None when it is acceptable.
+
+    Under central DP: ``nonzero`` refuses an exactly-zero update (Flower's clipping divides by
+    its norm), and ``clipped_to`` = C refuses an update a site should have clipped to C but did not.
+    """
     missing = sorted(set(reference) - set(update))
     unknown = sorted(set(update) - set(reference))
     if missing:
@@ -30,6 +34,10 @@ def update_problem(update: dict[str, np.ndarray], reference: dict[str, np.ndarra
     norm = update_norm(update, reference)
     if not norm <= max_norm:
         return f"update norm {norm:.4g} exceeds the bound {max_norm:.4g}"
+    if nonzero and norm == 0.0:
+        return "update is exactly zero (Flower's clipping cannot scale a zero update)"
+    if clipped_to is not None and norm > clipped_to * (1 + 1e-5):  # 1e-5: float32 rounding of a clipped update
+        return f"update norm {norm:.6g} exceeds central-clip {clipped_to:g}: the site did not clip"
     return None
 
 

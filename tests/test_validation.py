@@ -115,3 +115,9 @@ def test_site_clipping_rejects_an_update_the_site_did_not_clip(flower_identity):
     assert len(outcome["valid"]) == 1
     assert [r["client"] for r in outcome["rejected"]] == ["unclipped"]
     assert "did not clip" in outcome["rejected"][0]["reason"]
+
+
+def test_central_dp_refuses_an_exactly_zero_update():
+    same = {k: v.copy() for k, v in REFERENCE.items()}
+    assert update_problem(same, REFERENCE, "float32", 50.0) is None
+    assert "exactly zero" in update_problem(same, REFERENCE, "float32", 50.0, nonzero=True)
