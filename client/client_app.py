@@ -38,17 +38,15 @@ def build_client_app(overrides: dict | None = None, mods: tuple = ()) -> ClientA
         def train_round(global_adapter, server_round):
             if settings.injected_failure(site.client_id, server_round):
                 raise RuntimeError(f"fault injected: {site.client_id} fails in round {server_round}")
-            adapter, metrics, refusal = dp_lora.run_round(site, settings.dp, settings.name, server_round,
-                                                          global_adapter)
-            return adapter, {**metrics, "client-id": site.client_id}, refusal
+            return dp_lora.run_round(site, settings.dp, settings.name, server_round, global_adapter)
 
         if secagg.is_secagg_message(msg):  # one of SecAgg+'s four stages (Flower's legacy workflow)
-            return secagg.secagg_train(msg, context, train_round)
+            return secagg.secagg_train(msg, context, train_round, site.client_id)
         server_round = int(msg.content["config"]["server-round"])
         adapter, metrics, refusal = train_round(from_array_record(msg.content["arrays"]), server_round)
         content = RecordDict({
             "arrays": to_array_record(adapter, settings.wire_dtype),
-            "metrics": MetricRecord({k: v for k, v in metrics.items() if k != "client-id"}),
+            "metrics": MetricRecord(metrics),
             "client": ConfigRecord({"client-id": site.client_id, "refusal": refusal}),
         })
         reply = Message(content=content, reply_to=msg)

@@ -36,7 +36,7 @@ def is_secagg_message(msg: Message) -> bool:
     return RECORD_KEY_CONFIGS in msg.content.config_records
 
 
-def secagg_train(msg: Message, context: Context, train_round: RoundTrainer) -> Message:
+def secagg_train(msg: Message, context: Context, train_round: RoundTrainer, client_id: str) -> Message:
     """Answer one SecAgg+ stage; the third stage trains, clips when asked, and masks."""
 
     def fit(inner: Message, ctx: Context) -> Message:
@@ -46,9 +46,10 @@ def secagg_train(msg: Message, context: Context, train_round: RoundTrainer) -> M
         adapter, metrics, refusal = train_round(global_adapter, int(fitins.config["server-round"]))
         if refusal:
             raise RoundRefusedError(f"refused: {refusal}")
-        # Weight 1 for every site: SecAgg+ then averages exactly (see server/secagg.py).
+        # Weight 1 for every site: SecAgg+ then averages exactly (see server/secagg.py). The legacy
+        # reply has no record of its own for the site's id, so it travels with the metrics.
         fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([adapter[n] for n in names]), 1,
-                        {**metrics, "unit-weight": 1})
+                        {**metrics, "client-id": client_id})
         return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=inner)
 
     def clip_then_fit(inner: Message, ctx: Context) -> Message:
