@@ -5,6 +5,8 @@ train:    global adapter in → check the ledger → DP-SGD LoRA on this site's 
           Under secure aggregation the same round runs inside Flower's SecAgg+ mod, which
           masks the adapter before it leaves (client/secagg.py).
 evaluate: global adapter in → perplexity on this site's held-out split → metrics out.
+query.label_histogram: (distildp) the site's DP label histogram, released once per run.
+evaluate.student: (distildp) a distilled student in → its held-out perplexity out.
 
 The site's paths, id and budget come from Flower's node config, so the same app runs at a
 real site (`flower-supernode --node-config ...`) and in the Simulation Engine (where each
@@ -22,6 +24,8 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client import dp_lora, secagg
+from client.label_histogram import release_histogram
+from common.models.loading import student_from_arrays
 from common.settings import RunSettings
 from common.wire import from_array_record, to_array_record
 
@@ -66,6 +70,27 @@ def build_client_app(overrides: dict | None = None, mods: tuple = ()) -> ClientA
         content = RecordDict({"metrics": metrics, "client": ConfigRecord({"client-id": site.client_id})})
         return Message(content=content, reply_to=msg)
 
+    @app.query("label_histogram")
+    def label_histogram(msg: Message, context: Context) -> Message:
+        settings = _settings(context, overrides)
+        site = site_from_context(context, settings)
+        labels = [str(x) for x in msg.content["config"]["label-set"]]
+        counts, refusal = release_histogram(site, settings, labels, str(msg.content["config"]["run-name"]))
+        content = RecordDict({"histogram": ConfigRecord({"labels": labels, "counts": counts}),
+                              "client": ConfigRecord({"client-id": site.client_id, "refusal": refusal})})
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate("student")
+    def evaluate_student(msg: Message, context: Context) -> Message:
+        settings = _settings(context, overrides)
+        site = site_from_context(context, settings)
+        student = student_from_arrays(str(msg.content["config"]["student-config"]),
+                                      from_array_record(msg.content["arrays"]))
+        ppl, n = dp_lora.heldout_perplexity(site.model_dir, site.heldout_path, settings.dp, model=student)
+        metrics = MetricRecord({"num-examples": n, "eval-loss": math.log(ppl), "perplexity": ppl})
+        content = RecordDict({"metrics": metrics, "client": ConfigRecord({"client-id": site.client_id})})
+        return Message(content=content, reply_to=msg)
+
     return app
 
 
@@ -85,7 +110,7 @@ def site_from_context(context: Context, settings: RunSettings) -> dp_lora.Site:
     train_path = Path(node.get("data-path") or simulated / "train.jsonl")
     heldout_path = Path(node.get("heldout-path") or train_path.with_name("heldout.jsonl"))
     ledger_path = Path(node.get("ledger-path") or Path(settings.run_dir) / "ledgers" / f"{client_id}.json")
-    budget = float(node.get("epsilon-budget") or settings.dp.epsilon)
+    budget = float(node.get("epsilon-budget") or settings.site_budget())
     model_dir = Path(node.get("model-dir") or settings.model_dir)
     return dp_lora.Site(client_id, train_path, heldout_path, ledger_path, budget, model_dir)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,63 +22,16 @@ from transformers import AutoTokenizer
 
 from common.atomic import atomic_write_bytes
 from common.data.loading import load_records
-from common.errors import BudgetExceeded, ConfigError
-from common.models.build import add_lora, adapter_state, build_model, load_adapter_state, pick_device
+from common.data.control import with_control_code
+from common.errors import BudgetExceeded
+from common.models.build import adapter_state, build_model, pick_device
+from common.models.loading import load_lora_model
 from common.models.lm import encode_texts, per_record_loss, perplexity
 from common.privacy.dp_sgd import DPSGDPlan, make_private, plan_dp_sgd
 from common.privacy.ledger import DPSGDCharge, PrivacyLedger
+from common.settings import DPLoRAConfig, check_label_field
 
-
-@dataclass
-class DPLoRAConfig:
-    """Everything a client needs to run its DP-SGD LoRA step (same on every round)."""
-
-    epsilon: float = 8.0              # target ε for the whole planned run (all rounds)
-    delta: float | None = None        # default: min(1e-5, 1/(10·n_records))
-    rounds: int = 1                   # planned rounds; σ is calibrated for rounds × local_steps
-    local_steps: int = 30             # logical DP-SGD steps per round
-    batch_size: int = 16              # expected logical batch (Poisson sampling)
-    max_physical_batch_size: int = 16  # memory bound; opacus accumulates up to batch_size
-    max_grad_norm: float = 1.0
-    learning_rate: float = 5e-3
-    max_length: int = 128
-    accountant: str = "rdp"
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_targets: list[str] | None = None
-    seed: int = 0                     # LoRA initialisation only; DP noise is never seeded
-    private: bool = True              # False: no clipping/noise, ε = ∞ (audit baselines only)
-    text_field: str = "text"
-    device: str | None = None
-
-    @classmethod
-    def from_mapping(cls, values: dict) -> "DPLoRAConfig":
-        """Build from a flat mapping (a Flower config record or a TOML table); '-' == '_'."""
-        known = {f.name: f for f in fields(cls)}
-        kwargs = {}
-        for key, value in values.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                raise ConfigError(f"unknown dp-lora setting {key!r}; known: {', '.join(sorted(known))}")
-            if name == "lora_targets" and isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()] or None
-            kwargs[name] = value
-        cfg = cls(**kwargs)
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
-            raise ConfigError(f"epsilon must be a positive number, got {self.epsilon}")
-        for name in ("rounds", "local_steps", "batch_size", "max_physical_batch_size", "max_length", "lora_r"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+__all__ = ["DPLoRAConfig", "load_lora_model", "train_dp_lora", "run_round", "heldout_perplexity"]
 
 
 @dataclass
@@ -89,20 +42,18 @@ class LocalResult:
     history: list[float] = field(default_factory=list)  # train loss per logical step
 
 
-def load_lora_model(model_dir: str | Path, cfg: DPLoRAConfig, adapter: dict[str, np.ndarray] | None = None):
-    """Base model → device → peft LoRA (this order; see ``add_lora``) → optional adapter."""
-    device, _ = pick_device(cfg.device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    torch.manual_seed(cfg.seed)
-    base = build_model(model_dir).to(device)  # LoRA training keeps fp32 master weights
-    model = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-    if adapter is not None:
-        load_adapter_state(model, adapter)
-    return model, tokenizer
+def load_texts(path: str | Path, cfg: DPLoRAConfig) -> list[str]:
+    """A site's records as the model sees them: with control codes (label + blank line + text)
+    when ``label-field`` is set, exactly as the synthesis phase will prompt the teacher."""
+    if not cfg.label_field:
+        return [r.text for r in load_records(path, field=cfg.text_field)]
+    records = load_records(path, field=cfg.text_field, label_field=cfg.label_field)
+    check_label_field(records, path, cfg.label_field)
+    return [with_control_code(r.label, r.text) for r in records]
 
 
 def plan_for(train_path: str | Path, cfg: DPLoRAConfig) -> tuple[list[str], DPSGDPlan]:
-    texts = [r.text for r in load_records(train_path, field=cfg.text_field)]
+    texts = load_texts(train_path, cfg)
     plan = plan_dp_sgd(len(texts), cfg.batch_size, cfg.local_steps, cfg.rounds, cfg.epsilon, cfg.delta,
                        cfg.max_grad_norm, cfg.accountant)
     return texts, plan
@@ -256,10 +207,15 @@ def _physical_batches(loader, optimizer, max_physical_batch_size: int):
 
 
 def heldout_perplexity(model_dir: str | Path, data_path: str | Path, cfg: DPLoRAConfig,
-                       adapter: dict[str, np.ndarray] | None = None) -> tuple[float, int]:
-    """Perplexity of the (adapted) model on a held-out file, and its record count."""
-    texts = [r.text for r in load_records(data_path, field=cfg.text_field)]
-    if adapter is None:
+                       adapter: dict[str, np.ndarray] | None = None, model=None) -> tuple[float, int]:
+    """Perplexity of the (adapted) model on a held-out file, and its record count.
+
+    ``model`` (e.g. a distilled student) is scored with ``model_dir``'s tokenizer instead.
+    """
+    texts = load_texts(data_path, cfg)
+    if model is not None:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    elif adapter is None:
         device, _ = pick_device(cfg.device)
         model, tokenizer = build_model(model_dir).to(device), AutoTokenizer.from_pretrained(model_dir)
     else:

@@ -149,14 +149,42 @@ def audit_command(
     console.print(f"written: {run / 'audit.json'}, {run / 'audit.md'}, roc.png, blocks.png, privacy_card.md")
 
 
+@app.command("distill")
+def distill_command(
+    run: Path = typer.Option(..., help="A finished `dp-lora` (or interrupted `distildp`) run directory."),
+    set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set distill-steps=500 "
+                                                     "--set student=from-teacher."),
+) -> None:
+    """Distil a finished DP teacher run into a compact student: synthetic text, KD, evaluation, export, audit."""
+    from common.settings import RunSettings, parse_overrides
+    from server.checkpoint import RunDirectory
+    from simulations.run import prepare_run, simulate
+
+    state = RunDirectory(run).load_state()
+    if state.get("completed_round", 0) < int(state["settings"].get("rounds", 0)):
+        raise UserError(f"{run}: the teacher finished {state.get('completed_round', 0)} of "
+                        f"{state['settings'].get('rounds')} rounds; finish it first "
+                        f"(privdistill simulate --run-dir {run} --resume)")
+    overrides = parse_overrides(set_)
+    values = {**state["settings"], "mode": "distildp", **overrides}
+    if not values.get("label-field") and "prompt-source" not in overrides:
+        values["prompt-source"] = "bos"  # the teacher was not trained on control codes
+    settings = prepare_run(RunSettings.from_flat(values), run, resume=True)
+    simulate(settings)
+    console.print(f"student exported to {run / 'student'} (privacy.json, README.md); audit in {run / 'audit.md'}")
+
+
 @app.command("demo")
 def demo(name: str = typer.Option("demo", help="Run name: everything goes under runs/NAME/."),
-         epsilon: float = typer.Option(8.0, help="Target ε."),
-         runs: Path = typer.Option(Path("runs"), help="Parent directory of run directories.")) -> None:
-    """The offline demo: corpus, tiny teacher, 5 sites × 3 rounds of federated DP-LoRA, ledgers."""
-    from simulations.demo import run_federated_demo
+         epsilon: float = typer.Option(8.0, help="Target ε of the teacher's DP-SGD at each site."),
+         runs: Path = typer.Option(Path("runs"), help="Parent directory of run directories."),
+         set_: list[str] = typer.Option([], "--set", help="Override a setting of simulations/configs/distildp.toml.")
+         ) -> None:
+    """The offline demo: the DistilDP pipeline end to end (corpus → DP teacher → synthetic text → student → audit)."""
+    from common.settings import parse_overrides
+    from simulations.demo import run_distildp_demo
 
-    run_federated_demo(name, runs, epsilon)
+    run_distildp_demo(name, runs, epsilon, parse_overrides(set_))
 
 
 @ledger_app.command("show")

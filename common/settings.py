@@ -11,14 +11,151 @@ from __future__ import annotations
 import math
 import random
 import tomllib
+import difflib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from client.dp_lora import DPLoRAConfig
 from common.errors import ConfigError
 
-MODES = ("dp-lora",)
+MODES = ("dp-lora", "distildp")
 WIRE_DTYPES = ("float32", "float16")
+PROMPT_SOURCES = ("control-codes", "bos")
+LABEL_SOURCES = ("dp-histogram", "public")
+
+
+@dataclass
+class DPLoRAConfig:
+    """Everything a client needs to run its DP-SGD LoRA step (same on every round)."""
+
+    epsilon: float = 8.0              # target ε for the whole planned run (all rounds)
+    delta: float | None = None        # default: min(1e-5, 1/(10·n_records))
+    rounds: int = 1                   # planned rounds; σ is calibrated for rounds × local_steps
+    local_steps: int = 30             # logical DP-SGD steps per round
+    batch_size: int = 16              # expected logical batch (Poisson sampling)
+    max_physical_batch_size: int = 16  # memory bound; opacus accumulates up to batch_size
+    max_grad_norm: float = 1.0
+    learning_rate: float = 5e-3
+    max_length: int = 128
+    accountant: str = "rdp"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: list[str] | None = None
+    seed: int = 0                     # LoRA initialisation only; DP noise is never seeded
+    private: bool = True              # False: no clipping/noise, ε = ∞ (audit baselines only)
+    text_field: str = "text"
+    label_field: str = ""            # control codes: train on label + blank line + text (DistilDP)
+    device: str | None = None
+
+    @classmethod
+    def from_mapping(cls, values: dict) -> "DPLoRAConfig":
+        """Build from a flat mapping (a Flower config record or a TOML table); '-' == '_'."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(unknown_key_message(key, known, "dp-lora setting"))
+            if name == "lora_targets" and isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()] or None
+            kwargs[name] = value
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            raise ConfigError(f"epsilon must be a positive number, got {self.epsilon}")
+        for name in ("rounds", "local_steps", "batch_size", "max_physical_batch_size", "max_length", "lora_r"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SynthesisSettings:
+    """DistilDP step 2: DP synthetic text from the DP teacher (post-processing of its release)."""
+
+    synthetic_records: int = 2000      # records to keep after filtering
+    prompt_source: str = "control-codes"  # control-codes (needs label-field) | bos (unconditional)
+    label_source: str = "dp-histogram"  # how many prompts per label: dp-histogram (each site, once) | public
+    histogram_epsilon: float = 0.5     # ε of each site's DP label histogram (Gaussian, composed in its ledger)
+    label_set: str = ""                # the public label set, comma-separated; "": the public split's labels
+    gen_max_new_tokens: int = 96
+    gen_temperature: float = 1.0
+    gen_top_k: int = 50
+    gen_top_p: float = 0.9
+    gen_no_repeat_ngram: int = 2
+    gen_batch_size: int = 32
+    shard_size: int = 256
+
+    def validate(self) -> None:
+        if self.synthetic_records < 1:
+            raise ConfigError(f"synthetic-records must be ≥ 1, got {self.synthetic_records}")
+        if self.prompt_source not in PROMPT_SOURCES:
+            raise ConfigError(f"prompt-source must be one of {', '.join(PROMPT_SOURCES)}, got {self.prompt_source!r}")
+        if self.label_source not in LABEL_SOURCES:
+            raise ConfigError(f"label-source must be one of {', '.join(LABEL_SOURCES)}, got {self.label_source!r} "
+                              "(raw private label counts are never used: they would fall outside the DP guarantee)")
+        if not (self.histogram_epsilon > 0 and math.isfinite(self.histogram_epsilon)):
+            raise ConfigError(f"histogram-epsilon must be a positive number, got {self.histogram_epsilon}")
+        for name in ("gen_max_new_tokens", "gen_batch_size", "shard_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
+        if not self.gen_temperature > 0:
+            raise ConfigError(f"gen-temperature must be > 0, got {self.gen_temperature}")
+        if not 0 < self.gen_top_p <= 1:
+            raise ConfigError(f"gen-top-p must be in (0, 1], got {self.gen_top_p}")
+        if self.gen_top_k < 0 or self.gen_no_repeat_ngram < 0:
+            raise ConfigError("gen-top-k and gen-no-repeat-ngram must be ≥ 0 (0 turns them off)")
+
+    def labels(self) -> list[str]:
+        return [x.strip() for x in self.label_set.split(",") if x.strip()]
+
+
+@dataclass
+class DistillSettings:
+    """DistilDP step 3: the student learns from the DP teacher on the synthetic text (server only)."""
+
+    student: str = "from-teacher"      # from-teacher (every other block) | a tiny spec | an HF id or local path
+    kd_lambda: float = 0.4             # weight of the soft-label term (1 − λ on the hard labels)
+    kd_temperature: float = 1.0
+    kd_beta: float = 0.0               # weight of the hidden-state alignment (a learned projection W)
+    kd_top_k: int = 0                  # soft labels over the teacher's top-k tokens only (0: full vocabulary)
+    kd_kl_start: int = 0               # first position the soft-label term counts (the reference uses 5)
+    distill_steps: int = 300
+    distill_batch_size: int = 32
+    distill_learning_rate: float = 5e-4
+    distill_max_length: int = 128
+    distill_checkpoint_every: int = 50
+
+    def validate(self) -> None:
+        if not 0 <= self.kd_lambda <= 1:
+            raise ConfigError(f"kd-lambda must be in [0, 1], got {self.kd_lambda}")
+        if not (self.kd_temperature > 0 and math.isfinite(self.kd_temperature)):
+            raise ConfigError(f"kd-temperature must be > 0, got {self.kd_temperature}")
+        if not (self.kd_beta >= 0 and math.isfinite(self.kd_beta)):
+            raise ConfigError(f"kd-beta must be ≥ 0, got {self.kd_beta}")
+        if self.kd_top_k < 0 or self.kd_kl_start < 0:
+            raise ConfigError("kd-top-k and kd-kl-start must be ≥ 0")
+        for name in ("distill_steps", "distill_batch_size", "distill_max_length", "distill_checkpoint_every"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
+        if not self.distill_learning_rate > 0:
+            raise ConfigError(f"distill-learning-rate must be > 0, got {self.distill_learning_rate}")
+        if not self.student.strip():
+            raise ConfigError("student is empty; use from-teacher, a tiny spec (tiny-gpt2, ...) or a model path")
+
+
+def unknown_key_message(key: str, known, what: str = "setting") -> str:
+    close = difflib.get_close_matches(key.replace("_", "-"), [k.replace("_", "-") for k in known], n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?" if close else "see simulations/configs/ and README for the known settings"
+    return f"unknown {what} {key!r}; {hint}"
+
 
 
 @dataclass
@@ -60,6 +197,8 @@ class RunSettings:
     fail_client: str = ""
     fail_round: int = 0
     fail_fraction: float = 0.0       # each site fails each round with this probability (seeded)
+    fail_phase: str = ""             # server phase (synthesis, distillation) that stops after...
+    fail_phase_after: int = 0        # ...this many shards / steps (resume drills)
     # Simulation only (not part of Flower's run config semantics elsewhere).
     generate_data: bool = False
     warmup_spec: str = "tiny-gpt2"
@@ -67,29 +206,45 @@ class RunSettings:
     num_cpus: int = 2
     client_cpus: float = 1.0
     client_gpus: float = 0.0
-    dp: DPLoRAConfig = None  # type: ignore[assignment]
+    # Pipeline phases after the teacher rounds (mode distildp).
+    public_path: str = ""            # the public split (server side); "": DATA_DIR/public.jsonl
+    audit: bool = True               # a pipeline run audits teacher and student at the end (simulation)
+    audit_max_records: int = 300
+    audit_candidates: int = 300
+    # One section per mode; flat keys are unique across all of them (Flower's run config is flat).
+    dp: DPLoRAConfig = None  # type: ignore[assignment]             # the teacher rounds (dp-lora)
+    synthesis: SynthesisSettings = None  # type: ignore[assignment]  # distildp: DP synthetic text
+    distill: DistillSettings = None  # type: ignore[assignment]      # distildp: student KD
 
     def __post_init__(self):
-        if self.dp is None:
-            self.dp = DPLoRAConfig()
+        self.dp = self.dp or DPLoRAConfig()
+        self.synthesis = self.synthesis or SynthesisSettings()
+        self.distill = self.distill or DistillSettings()
 
     # ---------------------------------------------------------------------------- building
     @classmethod
     def from_flat(cls, values: dict) -> "RunSettings":
-        own = {f.name for f in fields(cls)} - {"dp"}
-        dp_names = {f.name for f in fields(DPLoRAConfig)}
-        run_kwargs, dp_kwargs = {}, {}
+        own = {f.name for f in fields(cls)} - set(SECTIONS)
+        section_names = {section: {f.name for f in fields(kind)} for section, kind in SECTIONS.items()}
+        run_kwargs: dict = {}
+        section_kwargs: dict = {section: {} for section in SECTIONS}
         for key, value in values.items():
             name = key.replace("-", "_")
             if name in own:
                 run_kwargs[name] = value
-            elif name in dp_names:
-                dp_kwargs[name] = value
-            else:
-                raise ConfigError(f"unknown setting {key!r}; known: {', '.join(sorted(own | dp_names))}")
+                continue
+            section = next((s for s, names in section_names.items() if name in names), None)
+            if section is None:
+                raise ConfigError(unknown_key_message(key, own.union(*section_names.values())))
+            section_kwargs[section][name] = value
         settings = cls(**run_kwargs)
-        dp_kwargs["rounds"] = settings.rounds  # σ is calibrated for every planned round
-        settings.dp = DPLoRAConfig.from_mapping(dp_kwargs)
+        section_kwargs["dp"]["rounds"] = settings.rounds  # σ is calibrated for every planned round
+        settings.dp = DPLoRAConfig.from_mapping(section_kwargs["dp"])
+        try:
+            settings.synthesis = SynthesisSettings(**section_kwargs["synthesis"])
+            settings.distill = DistillSettings(**section_kwargs["distill"])
+        except TypeError as err:
+            raise ConfigError(f"bad setting: {err}") from None
         settings.validate()
         return settings
 
@@ -108,8 +263,9 @@ class RunSettings:
 
     def to_run_config(self) -> dict:
         """Flat scalar mapping for Flower's run config (None values are left out)."""
-        flat = {k.replace("_", "-"): v for k, v in asdict(self).items() if k != "dp" and v is not None}
-        for key, value in self.dp.to_dict().items():
+        flat = {k.replace("_", "-"): v for k, v in asdict(self).items() if k not in SECTIONS and v is not None}
+        sections = {**self.dp.to_dict(), **asdict(self.synthesis), **asdict(self.distill)}
+        for key, value in sections.items():
             # None has no run-config form; "rounds" and "seed" are the run's own (dp.rounds copies it)
             if value is None or key.replace("_", "-") in flat:
                 continue
@@ -121,7 +277,16 @@ class RunSettings:
     # ---------------------------------------------------------------------------- checks
     def validate(self) -> None:
         if self.mode not in MODES:
-            raise ConfigError(f"unknown mode {self.mode!r}; available modes: {', '.join(MODES)}")
+            close = difflib.get_close_matches(self.mode, MODES, n=1)
+            raise ConfigError(f"unknown mode {self.mode!r}; available modes: {', '.join(MODES)}"
+                              + (f" (did you mean {close[0]!r}?)" if close else ""))
+        self.synthesis.validate()
+        self.distill.validate()
+        if self.mode == "distildp" and self.synthesis.prompt_source == "control-codes" and not self.dp.label_field:
+            raise ConfigError("prompt-source = control-codes needs label-field (the data field that holds each "
+                              "record's label, e.g. label-field = \"label\"); or set prompt-source = bos")
+        if self.audit_max_records < 10 or self.audit_candidates < 10:
+            raise ConfigError("audit-max-records and audit-candidates must be ≥ 10")
         for name in ("clients", "rounds", "min_clients"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
@@ -186,6 +351,19 @@ class RunSettings:
                                target_quantile=self.central_target_quantile,
                                clip_lr=self.central_clip_lr, count_stddev=self.central_count_stddev or None)
 
+    @property
+    def uses_label_histogram(self) -> bool:
+        return self.mode == "distildp" and self.synthesis.prompt_source == "control-codes" \
+            and self.synthesis.label_source == "dp-histogram"
+
+    def site_budget(self) -> float:
+        """A site's default lifetime ε budget: what this run plans to spend there. The parts'
+        sum bounds their composition from above, so the planned run always fits."""
+        return self.dp.epsilon + (self.synthesis.histogram_epsilon if self.uses_label_histogram else 0.0)
+
+    def public_file(self) -> Path:
+        return Path(self.public_path) if self.public_path else Path(self.data_dir) / "public.jsonl"
+
     def check_paths(self, need_data: bool = True) -> None:
         """Paths a simulation needs before anything starts (skipped for what it will generate)."""
         if not self.model_dir:
@@ -202,6 +380,25 @@ class RunSettings:
                 if not path.is_file():
                     raise ConfigError(f"missing data file {path} for client {i} of {self.clients}; "
                                       "generate the corpus with `privdistill data generate` or fix data-dir")
+        if self.dp.label_field:
+            from common.data.loading import load_records
+
+            for i in range(self.clients):
+                path = Path(self.data_dir) / f"client_{i}" / "train.jsonl"
+                check_label_field(load_records(path, field=self.dp.text_field, label_field=self.dp.label_field),
+                                  path, self.dp.label_field)
+
+
+def check_label_field(records, path, label_field: str) -> None:
+    """Control codes need a label on every record: say which record lacks one, before any work."""
+    for i, record in enumerate(records):
+        if record.label is None:
+            raise ConfigError(f"{path}: record {i + 1} has no {label_field!r} field (label-field = {label_field!r}); "
+                              "add the field to every record, set label-field to the right name, or use "
+                              "prompt-source = bos with label-field = \"\"")
+
+
+SECTIONS = {"dp": DPLoRAConfig, "synthesis": SynthesisSettings, "distill": DistillSettings}
 
 
 def flatten_tables(document: dict, source: str = "config") -> dict:

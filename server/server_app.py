@@ -1,4 +1,5 @@
-"""The Flower ServerApp: R rounds of FedAvg over LoRA adapter tensors, top to bottom.
+"""The Flower ServerApp: the mode's pipeline (server/pipeline.py), whose first phase is R
+rounds of FedAvg over LoRA adapter tensors, read here top to bottom.
 
 Each round: sample clients (Flower's FedAvg) → send the global adapter → collect replies →
 drop errors, timeouts, refusals and invalid updates (each logged with its node and reason)
@@ -27,6 +28,7 @@ from common.privacy.ledger import PrivacyLedger
 from common.settings import RunSettings
 from common.wire import from_array_record, payload_bytes, to_array_record
 from server.checkpoint import RunDirectory
+from server.pipeline import run_pipeline
 from server.validation import update_problem
 
 
@@ -37,12 +39,7 @@ def build_server_app(overrides: dict | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         settings = RunSettings.from_flat({**dict(context.run_config), **(overrides or {})})
-        if settings.secure_aggregation:  # Flower's SecAgg+ exists only on its legacy workflow stack
-            from server.secagg import run_secagg_federation
-
-            run_secagg_federation(grid, context, settings)
-        else:
-            run_federation(grid, settings)
+        run_pipeline(grid, context, settings)  # the mode's phases in order (server/pipeline.py)
 
     return app
 
@@ -230,8 +227,8 @@ def evaluate(strategy: FedAvg, grid: Grid, server_round: int, adapter, settings:
 
 def initial_adapter(settings: RunSettings):
     """The round-0 adapter: peft's initialisation (B = 0) under the run's seed."""
-    from client.dp_lora import load_lora_model
     from common.models.build import adapter_state
+    from common.models.loading import load_lora_model
 
     model, _ = load_lora_model(settings.model_dir, settings.dp)
     return adapter_state(model)

@@ -60,7 +60,23 @@ def simulate(settings: RunSettings, client_mods: tuple = ()) -> dict:
     from common.audit.report import write_privacy_card
 
     write_privacy_card(Path(settings.run_dir))
+    state = RunDirectory(settings.run_dir).load_state()
+    if state.get("phases", {}).get("export", {}).get("complete") and settings.audit:
+        audit_pipeline(settings)
     return RunDirectory(settings.run_dir).load_state()
+
+
+def audit_pipeline(settings: RunSettings) -> dict:
+    """Audit teacher and student (the KD-privacy study: students inherit the teacher's membership
+    risk, so the student is what must be shown safe), then restate the student's card."""
+    from common.audit.run import run_audit
+    from server.export import STUDENT_DIR, audit_summary, write_cards
+
+    run_dir = Path(settings.run_dir)
+    report = run_audit(run_dir, [f"student={run_dir / STUDENT_DIR}"], max_records=settings.audit_max_records,
+                       candidates=settings.audit_candidates, block_seeds=(0,), seed=settings.seed)
+    write_cards(run_dir, audit_summary(report))
+    return report
 
 
 def report(state: dict, settings: RunSettings, console) -> None:

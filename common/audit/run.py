@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 from common.audit import blocks, exposure, extraction, mia
 from common.audit.mia import AuditError
 from common.audit.scoring import token_logprobs
+from common.data.control import with_control_code
 from common.data.loading import load_records
 
 ATTACKS = ("loss", "zlib", "min-k", "reference")
@@ -62,7 +63,12 @@ def parse_model_spec(spec: str) -> AuditTarget:
     if (path / "state.json").is_file():
         return run_targets(path, label)
     if (path / "config.json").is_file():
-        return AuditTarget(label, path, None, None, None, str(path))
+        epsilon = delta = None
+        if (path / "privacy.json").is_file():  # an exported student: the guarantee it inherits
+            privacy = json.loads((path / "privacy.json").read_text())["privacy"]
+            epsilon = math.inf if privacy["epsilon"] == "inf" else float(privacy["epsilon"])
+            delta = privacy["delta"]
+        return AuditTarget(label, path, None, epsilon, delta, str(path))
     raise AuditError(f"--models {spec!r}: {path} is neither a run directory (state.json) nor a model directory "
                      "(config.json)")
 
@@ -77,8 +83,8 @@ def _state(run_dir: Path) -> dict:
 def load_target(target: AuditTarget):
     import safetensors.numpy
 
-    from client.dp_lora import load_lora_model
     from common.models.build import build_model
+    from common.models.loading import load_lora_model
     from common.settings import RunSettings
 
     tokenizer = AutoTokenizer.from_pretrained(target.model_dir)
@@ -100,9 +106,16 @@ def audit_data(run_dir: Path, max_records: int, seed: int) -> tuple[list[str], l
     canaries = json.loads(canary_file.read_text())["canaries"]
     secrets = {c["text"] for c in canaries}
     members, nonmembers = [], []
+    label_field = settings.get("label-field") or None
+
+    def as_trained(r):  # with control codes when the run trained on them (label + blank line + text)
+        return with_control_code(r.label, r.text) if label_field else r.text
+
     for i in range(int(settings.get("clients", 0))):
-        members += [r.text for r in load_records(data_dir / f"client_{i}" / "train.jsonl") if r.text not in secrets]
-        nonmembers += [r.text for r in load_records(data_dir / f"client_{i}" / "heldout.jsonl")]
+        members += [as_trained(r) for r in load_records(data_dir / f"client_{i}" / "train.jsonl", label_field=label_field)
+                    if r.text not in secrets]
+        nonmembers += [as_trained(r) for r in load_records(data_dir / f"client_{i}" / "heldout.jsonl",
+                                                            label_field=label_field)]
     members = list(dict.fromkeys(members))
     mia.check_disjoint(members, nonmembers)
     rng = np.random.default_rng(seed)

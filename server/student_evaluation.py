@@ -1,0 +1,84 @@
+"""Phase `student-evaluation`: the student and the teacher scored on the same data.
+
+Held-out perplexity comes from the sites (`evaluate.student` messages carry the student's
+config and weights; each site scores it on its held-out split and replies with the loss and
+record count; the mean is weighted by records). The teacher's held-out figure is its last
+round's. Public perplexity of both is computed here on the public split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from logging import INFO, WARNING
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.logger import log
+from transformers import AutoModelForCausalLM
+
+from common.data.loading import load_records
+from common.models.lm import encode_texts, perplexity
+from common.models.loading import load_teacher, student_arrays
+from common.wire import to_array_record
+from server.server_app import short_reason
+
+PUBLIC_EVAL_RECORDS = 500  # enough for a stable figure, cheap on CPU
+
+
+def load_student(phase):
+    path = phase.run.path / phase.summary_of("distillation")["student"]
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+
+
+def federated_perplexity(phase, student) -> dict:
+    """Held-out perplexity of ``student`` over a sample of sites, weighted by their records."""
+    settings = phase.settings
+    nodes = sorted(phase.grid.get_node_ids())
+    count = max(settings.min_clients, math.ceil(settings.fraction_evaluate * len(nodes)))
+    nodes = random.Random(f"{settings.seed}/student-evaluation").sample(nodes, min(count, len(nodes)))
+    config = ConfigRecord({"student-config": json.dumps(student.config.to_dict())})
+    arrays = to_array_record(student_arrays(student))
+    messages = [Message(content=RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
+                        message_type="evaluate.student") for node in nodes]
+    replies = list(phase.grid.send_and_receive(messages, timeout=settings.round_timeout))
+    loss, records, sites = 0.0, 0, 0
+    for reply in replies:
+        if reply.has_error():
+            log(WARNING, "node %s: student evaluation failed: %s", reply.metadata.src_node_id,
+                short_reason(reply.error.reason))
+            continue
+        metrics = reply.content["metrics"]
+        loss += float(metrics["eval-loss"]) * int(metrics["num-examples"])
+        records += int(metrics["num-examples"])
+        sites += 1
+    if not records:
+        return {"perplexity": math.nan, "sites": 0, "records": 0}
+    return {"perplexity": math.exp(loss / records), "sites": sites, "records": records}
+
+
+def public_perplexity(settings, models: dict, tokenizer) -> dict:
+    path = settings.public_file()
+    if not path.is_file():
+        return {}
+    from client.dp_lora import load_texts
+
+    texts = load_texts(path, settings.dp)[:PUBLIC_EVAL_RECORDS]
+    data = encode_texts(texts, tokenizer, settings.dp.max_length)
+    return {name: perplexity(model, data) for name, model in models.items()}
+
+
+def run(phase) -> dict:
+    settings = phase.settings
+    state = phase.state()
+    student = load_student(phase)
+    held_out = federated_perplexity(phase, student)
+    teacher, tokenizer = load_teacher(settings.model_dir, settings.dp, phase.run.path / state["adapter"])
+    public = public_perplexity(settings, {"teacher": teacher, "student": student.to(teacher.device)}, tokenizer)
+    last = state["rounds"][-1]["evaluate"] if state["rounds"] else state["baseline"]
+    summary = {"student": {"heldout_perplexity": held_out["perplexity"], "public_perplexity": public.get("student"),
+                           "sites": held_out["sites"], "records": held_out["records"]},
+               "teacher": {"heldout_perplexity": last["perplexity"], "public_perplexity": public.get("teacher")}}
+    log(INFO, "student held-out perplexity %.3f (teacher %.3f) | public %.3f (teacher %.3f)",
+        held_out["perplexity"], last["perplexity"], public.get("student", math.nan), public.get("teacher", math.nan))
+    return summary
