@@ -38,6 +38,9 @@ def quiet_console(log_path: Path):
         os.dup2(log_file.fileno(), 1)
         os.dup2(log_file.fileno(), 2)
     logger.addHandler(handler)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" and friends, once per save/load
     try:
         yield terminal
     finally:

@@ -47,18 +47,21 @@ def run_distildp_demo(name: str = "demo", runs: Path = Path("runs"), epsilon: fl
     from simulations.console import quiet_console
     from simulations.run import prepare_run, simulate
 
+    global console
     run_dir = Path(runs) / name
     resume = (run_dir / "state.json").exists()
     settings = RunSettings.from_toml(CONFIG, {"name": name, "epsilon": epsilon, **(overrides or {})})
     console.print(f"[bold]privdistill demo[/] (DistilDP) → {run_dir} ({'resuming' if resume else 'new run'}); "
-                  f"details in {run_dir / 'log.txt'}")
-    prepare(run_dir, clients=settings.clients, seed=settings.seed, warmup_steps=settings.warmup_steps,
-            spec=settings.warmup_spec)
-    settings = prepare_run(settings, run_dir, resume)
-    console.print(f"[bold]federation[/]: {settings.clients} sites × {settings.rounds} DP-SGD LoRA rounds at "
-                  f"ε={epsilon}, then synthesis, distillation, evaluation, export and audit")
-    with quiet_console(run_dir / "log.txt"):
+                  f"dependencies' output goes to {run_dir / 'log.txt'}")
+    with quiet_console(run_dir / "log.txt") as terminal:
+        console = Console(file=terminal)
+        prepare(run_dir, clients=settings.clients, seed=settings.seed, warmup_steps=settings.warmup_steps,
+                spec=settings.warmup_spec)
+        settings = prepare_run(settings, run_dir, resume)
+        console.print(f"[bold]federation[/]: {settings.clients} sites × {settings.rounds} DP-SGD LoRA rounds at "
+                      f"ε={epsilon}, then synthesis, distillation, evaluation, export and audit")
         state = simulate(settings)
+    console = Console(width=None if Console().is_terminal else 110)  # a log file still gets the whole table
     summary_table(run_dir, state)
     return state
 
@@ -71,21 +74,22 @@ def summary_table(run_dir: Path, state: dict) -> None:
     teacher_label = next((k for k in audit if k not in ("student", "public warm-up (floor)")), None)
     ev, models = card["evaluation"], card["models"]
     table = Table(title=f"DistilDP demo ({run_dir})")
-    for column in ("model", "parameters", "held-out ppl", "public ppl", "ε (δ)", "MIA AUC (loss)",
-                   "16× canary exposure (bits)"):
-        table.add_column(column, justify="right")
+    for column in ("model", "params", "held-out ppl", "public ppl", "ε", "MIA AUC", "exposure 16×"):
+        table.add_column(column, justify="right", no_wrap=True)
     delta = card["privacy"]["delta"]
-    eps = f"{card['privacy']['epsilon']:.2f} ({delta:.0e})" if delta else "–"
-    for label, key, params in (("teacher (DP-LoRA)", teacher_label, models["teacher_parameters"]),
+    eps = f"{card['privacy']['epsilon']:.2f}" if delta else "–"
+    for label, key, params in (("DP teacher", teacher_label, models["teacher_parameters"]),
                                ("student", "student", models["student_parameters"]),
                                ("public floor", "public warm-up (floor)", models["teacher_parameters"])):
         row = audit.get(key) or {}
-        e = ev.get("teacher" if label.startswith("teacher") else "student") or {}
+        e = ev.get("teacher" if label == "DP teacher" else "student") or {}
         held = e.get("heldout_perplexity") if label != "public floor" else state.get("baseline", {}).get("perplexity")
         public = e.get("public_perplexity") if label != "public floor" else None
         table.add_row(label, f"{params:,}", _f(held), _f(public), eps if label != "public floor" else "0",
                       _f(row.get("auc_loss")), _f(row.get("exposure_16")))
     console.print(table)
+    console.print(f"ε at δ = {delta:.0e} per site (the largest site's); MIA AUC: loss attack, members vs held-out "
+                  "(0.5 = chance); exposure: mean bits of the canaries planted 16 times.")
     console.print(f"student: {run_dir / 'student'} (AutoModelForCausalLM.from_pretrained); card: "
                   f"{run_dir / 'student' / 'README.md'}; audit: {run_dir / 'audit.md'}")
 

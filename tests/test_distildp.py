@@ -226,3 +226,27 @@ def test_tokenizer_mismatch_names_both(fed_root, tmp_path):
     with pytest.raises(Exception, match="tokenizer mismatch.*teacher.*student"):
         build_student(str(other), teacher, tokenizer)
     assert torch.is_tensor(next(teacher.parameters()))
+
+
+def test_label_histogram_is_released_once(distildp_run, tmp_path):
+    # A repeated request (e.g. a resumed server) re-sends the same noisy counts and charges nothing.
+    from client.dp_lora import Site
+    from client.label_histogram import release_histogram
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(distildp_run["run"] / "ledgers", run_dir / "ledgers")
+    settings = RunSettings.from_flat(distildp_run["state"]["settings"])
+    corpus = distildp_run["root"] / "corpus" / "client_0"
+    ledger_path = run_dir / "ledgers" / "client_0.json"
+    site = Site("client_0", corpus / "train.jsonl", corpus / "heldout.jsonl", ledger_path, settings.site_budget(),
+                Path(settings.model_dir))
+    saved = json.loads((run_dir / "ledgers" / "client_0.releases" / "kd-label-histogram.json").read_text())
+    before = PrivacyLedger.load(ledger_path).entries
+    counts, refusal = release_histogram(site, settings, saved["labels"], "kd")
+    assert refusal == "" and counts == saved["counts"]
+    assert PrivacyLedger.load(ledger_path).entries == before
+    # Another run asking the same site: its budget (ε + histogram-ε, all planned for run "kd") is
+    # spent, so it refuses before computing anything, with the figures, and nothing is charged.
+    counts, refusal = release_histogram(site, settings, saved["labels"], "kd-again")
+    assert counts == [] and "over the budget" in refusal
+    assert PrivacyLedger.load(ledger_path).entries == before

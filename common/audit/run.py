@@ -81,18 +81,17 @@ def _state(run_dir: Path) -> dict:
 
 
 def load_target(target: AuditTarget):
-    import safetensors.numpy
-
     from common.models.build import build_model
-    from common.models.loading import load_lora_model
+    from common.models.loading import load_teacher
     from common.settings import RunSettings
 
     tokenizer = AutoTokenizer.from_pretrained(target.model_dir)
     if target.adapter is None:
         return build_model(target.model_dir).eval(), tokenizer
     cfg = RunSettings.from_flat(_state(Path(target.source))["settings"]).dp  # the run's LoRA shape
-    model, _ = load_lora_model(target.model_dir, cfg, safetensors.numpy.load_file(str(target.adapter)))
-    return model.eval(), tokenizer
+    # Merged: the same function as base + LoRA, at the base model's cost (generation-heavy scoring).
+    model, _ = load_teacher(target.model_dir, cfg, target.adapter)
+    return model, tokenizer
 
 
 def audit_data(run_dir: Path, max_records: int, seed: int) -> tuple[list[str], list[str], list[dict]]:

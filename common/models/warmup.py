@@ -55,7 +55,7 @@ def warmup_teacher(public_texts: list[str], out_dir: str | Path, spec: str = "ti
     eval_texts = [public_texts[i] for i in evaluation.indices]
     info = {
         "spec": spec, "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate,
-        "seed": seed, "public_records": len(public_texts), "final_train_loss": float(loss),
+        "seed": seed, "public_records": len(public_texts), "final_train_loss": float(loss.item()) if torch.is_tensor(loss) else float(loss),
         "public_eval_perplexity": perplexity(model, encode_texts(eval_texts, tokenizer, max_length)),
         "parameters": count_parameters(model)[1], "max_length": max_length,
     }
