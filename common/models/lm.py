@@ -15,8 +15,9 @@ def encode_texts(texts: list[str], tokenizer, max_length: int = 128) -> TensorDa
     Fixed shapes let opacus's Poisson sampler build empty batches and keep the per-sample
     gradient computation simple.
     """
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"][: max_length - 1] + [tokenizer.eos_token_id]
-           for t in texts]
+    # Truncating inside the tokenizer keeps transformers from warning once per long record.
+    ids = [tokenizer(t, add_special_tokens=False, truncation=True, max_length=max_length - 1)["input_ids"]
+           + [tokenizer.eos_token_id] for t in texts]
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
