@@ -195,6 +195,22 @@ def ledger_show(path: Path = typer.Argument(..., help="A client's (or the server
     console.print(PrivacyLedger.load(path).describe(), markup=False, highlight=False)
 
 
+@ledger_app.command("verify")
+def ledger_verify(path: Path = typer.Argument(..., help="A client's (or the server's) ledger JSON file.")) -> None:
+    """Recompute ε from a ledger's entries with every accountant (PLD, PRV, RDP) and print each.
+
+    Exit code 1 when the ε written in the file is below what its own accountant gives from its
+    entries (an edited or stale file), the entries are over budget, or the accountants disagree
+    beyond their stated error.
+    """
+    from common.privacy.verify import verify_ledger
+
+    report = verify_ledger(path)
+    print(report.describe())  # plain: figures are compared by eye and by scripts, never re-wrapped
+    if not report.ok:
+        raise SystemExit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 user error)."""
     try:

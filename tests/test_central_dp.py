@@ -70,9 +70,11 @@ def test_clipping_bounds_every_clients_contribution(flower_identity):
 
 
 def test_server_ledger_epsilon_equals_accountant(tmp_path):
+    # opacus's RDP accountant is the reference here, so plan and ledger use it explicitly (the
+    # default accountant is dp-accounting's PLD since ledger v2).
     plan = plan_central_dp(clients=100, per_round=10, rounds=5, min_clients=10, noise_multiplier=1.1,
-                           clipping_norm=1.0, epsilon_budget=50.0)
-    ledger = PrivacyLedger.open(tmp_path / "server.json", "server", plan.epsilon_budget, plan.delta)
+                           clipping_norm=1.0, epsilon_budget=50.0, accountant="rdp")
+    ledger = PrivacyLedger.open(tmp_path / "server.json", "server", plan.epsilon_budget, plan.delta, "rdp")
     reference = RDPAccountant()
     for r in range(1, 6):
         ledger.charge(f"run/round-{r}", plan.round_charge(), run_id="run", round=r)

@@ -13,7 +13,7 @@ import pytest
 
 from common.errors import BudgetExceeded, ConfigError, LedgerError, UserError
 from common.privacy.accounting import calibrate_noise, epsilon_of
-from common.privacy.ledger import DPSGDCharge, PrivacyLedger, _fmt_figures
+from common.privacy.ledger import DPSGDCharge, PrivacyLedger, _fmt_figures, lock_path, render
 
 REPO = Path(__file__).resolve().parents[1]
 DELTA = 1e-5
@@ -47,11 +47,12 @@ def test_new_ledger_is_written_empty(tmp_path):
     assert ledger.remaining_epsilon() == 8.0
     data = json.loads(path.read_text())
     assert data == {
-        "format": "privdistill-ledger", "version": 1, "client_id": "site-3", "accountant": "rdp",
+        "format": "privdistill-ledger", "version": 2, "client_id": "site-3", "accountant": "rdp",
         "budget": {"epsilon": 8.0, "delta": DELTA}, "spent": {"epsilon": 0.0, "delta": 0.0},
         "entries": [],
     }
-    assert path.read_text() == json.dumps(data, indent=2, sort_keys=True) + "\n"
+    # v2 layout: sorted keys, one entry per line (same JSON as v1's indent=2 layout)
+    assert path.read_text() == render(data)
 
 
 def test_charge_then_reopen(tmp_path):
@@ -99,7 +100,7 @@ def test_cost_of_previews_without_recording(tmp_path):
     ledger = _open(tmp_path / "l.json")
     ledger.charge("a", C1, run_id="r")
     before = (tmp_path / "l.json").read_bytes()
-    assert ledger.cost_of(C3) == epsilon_of(_history(ledger.entries) + [(0.9, 0.05, 20)], DELTA)
+    assert ledger.cost_of(C3) == epsilon_of(_history(ledger.entries) + [(0.9, 0.05, 20)], DELTA, "rdp")
     assert ledger.cost_of(C3) > ledger.spent_epsilon()
     assert len(ledger.entries) == 1
     assert (tmp_path / "l.json").read_bytes() == before
@@ -198,7 +199,7 @@ def test_load_refuses_missing_corrupt_and_foreign_files(tmp_path):
         "not-json": "{not json",
         "array": "[1, 2]",
         "wrong-format": json.dumps({**good, "format": "something-else"}),
-        "version-2": json.dumps({**good, "version": 2}),
+        "version-3": json.dumps({**good, "version": 3}),
         "no-entries": json.dumps({k: v for k, v in good.items() if k != "entries"}),
         "bad-params": json.dumps({**good, "entries": [
             {**good["entries"][0], "params": {**good["entries"][0]["params"], "steps": -1}}]}),
@@ -323,7 +324,8 @@ def test_crash_mid_write_leaves_last_committed_ledger(tmp_path):
     assert proc.returncode == 9, proc.stderr
 
     # the interrupted write may leave its temp file behind, holding the uncommitted state
-    leftovers = [p for p in tmp_path.iterdir() if p != path]
+    # (and the empty lock file beside the ledger stays, by design)
+    leftovers = [p for p in tmp_path.iterdir() if p not in (path, lock_path(path))]
     assert all(p.name.startswith(".site-3.json.") and p.name.endswith(".tmp") for p in leftovers)
     assert len(leftovers) <= 1
 

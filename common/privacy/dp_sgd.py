@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from torch.utils.data import DataLoader, Dataset
 
 from common.errors import ConfigError
-from common.privacy.accounting import calibrate_noise, default_delta, epsilon_of
+from common.privacy.accounting import DEFAULT_ACCOUNTANT, calibrate_noise, default_delta, epsilon_of
 
 
 def sample_rate_for(n_records: int, batch_size: int) -> float:
@@ -50,7 +50,8 @@ class DPSGDPlan:
 
 
 def plan_dp_sgd(n_records: int, batch_size: int, steps_per_round: int, rounds: int, target_epsilon: float,
-                delta: float | None = None, max_grad_norm: float = 1.0, accountant: str = "rdp") -> DPSGDPlan:
+                delta: float | None = None, max_grad_norm: float = 1.0,
+                accountant: str = DEFAULT_ACCOUNTANT) -> DPSGDPlan:
     """Calibrate σ so that ``rounds × steps_per_round`` Poisson steps spend ``target_epsilon``."""
     if steps_per_round < 1 or rounds < 1:
         raise ConfigError(f"steps per round and rounds must be ≥ 1, got {steps_per_round} and {rounds}")
@@ -69,7 +70,9 @@ def make_private(model, optimizer, dataset: Dataset, batch_size: int, plan: DPSG
     parameters, Gaussian noise σ·C, Poisson sampling at ``plan.sample_rate``."""
     from opacus import PrivacyEngine  # lazy: importing opacus costs seconds in every evaluate process
 
-    engine = PrivacyEngine(accountant=plan.accountant)
+    # The engine's own accountant only logs steps; the ledger (plan.accountant) does the
+    # accounting. opacus knows "rdp" and "prv", not dp-accounting's "pld".
+    engine = PrivacyEngine(accountant=plan.accountant if plan.accountant in ("rdp", "prv") else "rdp")
     loader = DataLoader(dataset, batch_size=batch_size)
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
