@@ -71,8 +71,8 @@ def train_dp_lora(model_dir: str | Path, train_path: str | Path, cfg: DPLoRAConf
     texts, plan = planned or plan_for(train_path, cfg)  # σ calibration costs seconds: reuse a plan
     charge = DPSGDCharge(plan.noise_multiplier, plan.sample_rate, cfg.local_steps, plan.max_grad_norm)
     charge_id = f"{run_id}/round-{round_id}"
-    if cfg.private:
-        ledger.check(charge, charge_id)  # refuses before any training when over budget
+    if cfg.private:  # holds the budget before any training (atomic check-and-reserve under the ledger's lock)
+        ledger.reserve(charge_id, charge, run_id=run_id, round=round_id)
 
     model, tokenizer = load_lora_model(model_dir, cfg, adapter)
     dataset = encode_texts(texts, tokenizer, cfg.max_length)
@@ -106,8 +106,8 @@ def train_dp_lora(model_dir: str | Path, train_path: str | Path, cfg: DPLoRAConf
             if len(history) == cfg.local_steps:
                 break
 
-    if cfg.private:
-        ledger.charge(charge_id, charge, run_id=run_id, round=round_id)
+    if cfg.private:  # the update may now leave the site
+        ledger.release(charge_id)
     if save_to is not None:
         model.save_pretrained(save_to)
     finite = [h for h in history if math.isfinite(h)]
@@ -163,7 +163,8 @@ def run_round(site: Site, cfg: DPLoRAConfig, run_name: str, server_round: int,
     metrics = {"num-examples": 0, "train-loss": float("nan"), "noise-multiplier": plan.noise_multiplier,
                "epsilon-spent": ledger.spent_epsilon(), "epsilon-remaining": ledger.remaining_epsilon(),
                "refused": 0, "replayed": 0, "unit-weight": 1}
-    if ledger.has_charge(charge_id):
+    # A reservation never released (a crash mid-training) released nothing: train under it again.
+    if ledger.has_charge(charge_id) and ledger.status_of(charge_id) != "reserved":
         if release.is_file():
             adapter, saved = load_release(release)
             return adapter, {**metrics, **saved, "replayed": 1}, ""

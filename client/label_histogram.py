@@ -14,7 +14,7 @@ from common.atomic import atomic_write_json
 from common.data.loading import load_records
 from common.errors import BudgetExceeded
 from common.privacy.histogram import histogram_noise_multiplier, noisy_label_histogram
-from common.privacy.ledger import DPSGDCharge, PrivacyLedger
+from common.privacy.ledger import GaussianCharge, PrivacyLedger
 
 
 def release_histogram(site, settings, labels: list[str], run_name: str) -> tuple[list[float], str]:
@@ -26,22 +26,22 @@ def release_histogram(site, settings, labels: list[str], run_name: str) -> tuple
                                 settings.dp.accountant)
     charge_id = f"{run_name}/label-histogram"
     release = Path(site.ledger_path).parent / f"{Path(site.ledger_path).stem}.releases" / f"{run_name}-label-histogram.json"
-    if ledger.has_charge(charge_id):
+    if ledger.status_of(charge_id) == "released":
         if release.is_file():
             saved = json.loads(release.read_text())
             if saved["labels"] == labels:
                 return saved["counts"], ""
-        return [], f"the label histogram of run {run_name!r} was already charged but not kept; not releasing it twice"
-    sigma = histogram_noise_multiplier(settings.synthesis.histogram_epsilon, plan.delta, settings.dp.accountant)
-    charge = DPSGDCharge(sigma, 1.0, 1, 1.0)  # TODO ledger v2: GaussianCharge (q = 1, one step = the Gaussian mechanism)
+        return [], f"the label histogram of run {run_name!r} was already released but not kept; not releasing it twice"
+    sigma = histogram_noise_multiplier(settings.synthesis.histogram_epsilon, plan.delta, ledger.accountant)
+    charge = GaussianCharge(sigma, sensitivity=1.0)  # L2 sensitivity 1: add/remove one record moves one count
     try:
-        ledger.check(charge, charge_id)
+        ledger.reserve(charge_id, charge, run_id=run_name, extra={"labels": len(labels)})
     except BudgetExceeded as refusal:
         return [], str(refusal)
     records = load_records(site.train_path, field=settings.dp.text_field, label_field=settings.dp.label_field)
     noisy = noisy_label_histogram([r.label for r in records], labels, sigma)
     counts = [float(noisy[k]) for k in labels]
-    ledger.charge(charge_id, charge, run_id=run_name, extra={"labels": len(labels), "epsilon": settings.synthesis.histogram_epsilon})
     release.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(release, {"labels": labels, "counts": counts})
+    atomic_write_json(release, {"labels": labels, "counts": counts})  # kept first: a replay re-sends these
+    ledger.release(charge_id)
     return counts, ""

@@ -70,7 +70,8 @@ def train_local(
     max_grad_norm: float = typer.Option(1.0, help="Per-record clipping norm C."),
     learning_rate: float = typer.Option(5e-3),
     max_length: int = typer.Option(128, min=8),
-    accountant: str = typer.Option("rdp", help="opacus accountant: rdp or prv."),
+    accountant: str = typer.Option("pld", help="pld (dp-accounting, tight, default), prv (opacus, tight) or rdp "
+                                               "(opacus, a looser bound)."),
     lora_r: int = typer.Option(8, min=1),
     heldout: Optional[Path] = typer.Option(None, help="Held-out file: report perplexity before/after."),
     ledger: Optional[Path] = typer.Option(None, help="Ledger file (default: OUT/ledger.json)."),
@@ -189,7 +190,7 @@ def demo(name: str = typer.Option("demo", help="Run name: everything goes under 
 
 @ledger_app.command("show")
 def ledger_show(path: Path = typer.Argument(..., help="A client's (or the server's) ledger JSON file.")) -> None:
-    """Print a ledger: budget, entries, and (ε, δ) rebuilt by the opacus accountant."""
+    """Print a ledger: budget, entries, and (ε, δ) rebuilt by its accountant (and the others beside it)."""
     from common.privacy.ledger import PrivacyLedger
 
     console.print(PrivacyLedger.load(path).describe(), markup=False, highlight=False)

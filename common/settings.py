@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from common.errors import ConfigError
+from common.privacy.accounting import DEFAULT_ACCOUNTANT
 
 MODES = ("dp-lora", "distildp")
 WIRE_DTYPES = ("float32", "float16")
@@ -36,7 +37,7 @@ class DPLoRAConfig:
     max_grad_norm: float = 1.0
     learning_rate: float = 5e-3
     max_length: int = 128
-    accountant: str = "rdp"
+    accountant: str = DEFAULT_ACCOUNTANT  # tight (PLD); "prv" or "rdp" also available
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0

@@ -35,6 +35,7 @@ def privacy_summary(run_dir: Path, state: dict) -> dict:
         kinds = Counter(_mechanism_label(e) for e in run_entries)
         sites.append({"site": ledger.client_id, "epsilon": ledger.spent_epsilon(), "delta": ledger.delta,
                       "budget": ledger.epsilon_budget, "accountant": ledger.accountant,
+                      "epsilon_by_accountant": ledger.epsilon_by_accountant(),
                       "mechanisms": [{"mechanism": k, "releases": n} for k, n in sorted(kinds.items())]})
     private = settings.get("private", True)
     user_level = None
@@ -103,9 +104,12 @@ def model_card(doc: dict) -> str:
     for site in p["sites"]:
         mechanisms = "; ".join(f"{m['mechanism']} ×{m['releases']}" for m in site["mechanisms"])
         lines.append(f"| {site['site']} | {site['epsilon']:.3f} | {site['delta']:.1e} | {mechanisms} |")
-    lines += ["", f"The student's ε is the largest site's ({p['sites'][0]['accountant'] if p['sites'] else 'n/a'} "
-              "accountant over every mechanism charged to that site's ledger). δ is the probability with which the "
-              "ε bound may fail; it is below 1/(10·records) at every site."]
+    if p["sites"]:
+        others = ", ".join(f"{name.upper()} {eps:.3f}" for name, eps in p["sites"][0]["epsilon_by_accountant"].items())
+        lines += ["", f"The student's ε is the largest site's: the {p['sites'][0]['accountant'].upper()} accountant "
+                      "(dp-accounting) composing every mechanism charged to that site's ledger (other accountants on "
+                      f"{p['sites'][0]['site']}: {others}). δ is the probability with which the ε bound may fail; it "
+                      "is below 1/(10·records) at every site."]
     if p["user_level"]:
         lines += ["", f"Also user-level central DP: ε = {p['user_level']['epsilon']:.3f} at "
                       f"δ = {p['user_level']['delta']:.1e} for {p['user_level']['covers']}."]

@@ -117,10 +117,12 @@ def write_privacy_card(run_dir: Path) -> Path:
              ""]
     if settings.get("private", True):
         lines += ["**Guarantee:** record-level (ε, δ)-DP per site, from DP-SGD on the LoRA adapters "
-                  "(opacus, Poisson sampling, per-record clipping), accounted by opacus's "
-                  f"{settings.get('accountant', 'rdp').upper()} accountant over every round. It protects each "
-                  "single record of a site's private text; it does not hide a site's participation.", "",
-                  "| site | ε spent | δ | budget ε | rounds charged |", "|---|---|---|---|---|"]
+                  "(opacus, Poisson sampling, per-record clipping)"
+                  + (" and one DP label histogram (Gaussian)" if settings.get("mode") == "distildp" else "")
+                  + ", composed over every round by each site's ledger accountant "
+                  f"({settings.get('accountant', 'rdp').upper()}). It protects each single record of a site's "
+                  "private text; it does not hide a site's participation.", "",
+                  "| site | ε spent | δ | budget ε | charges |", "|---|---|---|---|---|"]
         for path in sorted((run_dir / "ledgers").glob("*.json")):
             ledger = PrivacyLedger.load(path)
             lines.append(f"| {ledger.client_id} | {ledger.spent_epsilon():.3f} | {ledger.delta:.1e} | "
@@ -136,7 +138,8 @@ def write_privacy_card(run_dir: Path) -> Path:
             where = "at each site before masking (Flower's client-side" if secure else "by the server (Flower's server-side"
             lines += ["", f"**Also user-level central DP:** each site's whole update clipped to C = "
                           f"{settings.get('central-clip')} {where} fixed clipping) and Gaussian noise on the mean, "
-                          f"accounted by opacus RDP as a subsampled Gaussian per round: "
+                          f"accounted by the server ledger's {ledger.accountant.upper()} accountant as a subsampled "
+                          f"Gaussian per round: "
                           f"ε = {ledger.spent_epsilon():.3f} at δ = {ledger.delta:.1e} for a site's entire "
                           f"contribution (budget {ledger.epsilon_budget:g}); see server_ledger.json."]
     else:
