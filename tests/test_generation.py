@@ -14,14 +14,7 @@ from tests.helpers import SAMPLE_TEXTS, tiny_tokenizer
 FAST = SamplingSettings(max_new_tokens=12, batch_size=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models' matmuls are too small to gain from a second thread, and on a busy 2-core
-    machine OpenMP's waiting threads made each one ~100x slower (7.7 ms against 33 µs measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -34,14 +34,7 @@ BOS = "<|endoftext|>"
 WORDS = "the card payment was declined refund approved customer agent account locked".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models' matmuls are too small to gain from a second thread, and on a busy 2-core
-    machine OpenMP's waiting threads made each one ~100x slower (7.7 ms against 33 µs measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class FakeGenerator:
