@@ -17,7 +17,6 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from transformers import AutoModelForCausalLM
 
-from common.data.loading import load_records
 from common.models.lm import encode_texts, perplexity
 from common.models.loading import load_teacher, student_arrays
 from common.wire import to_array_record
