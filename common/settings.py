@@ -15,6 +15,7 @@ import difflib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from common.data.control import check_label_field
 from common.errors import ConfigError
 from common.privacy.accounting import DEFAULT_ACCOUNTANT
 
@@ -388,15 +389,6 @@ class RunSettings:
                 path = Path(self.data_dir) / f"client_{i}" / "train.jsonl"
                 check_label_field(load_records(path, field=self.dp.text_field, label_field=self.dp.label_field),
                                   path, self.dp.label_field)
-
-
-def check_label_field(records, path, label_field: str) -> None:
-    """Control codes need a label on every record: say which record lacks one, before any work."""
-    for i, record in enumerate(records):
-        if record.label is None:
-            raise ConfigError(f"{path}: record {i + 1} has no {label_field!r} field (label-field = {label_field!r}); "
-                              "add the field to every record, set label-field to the right name, or use "
-                              "prompt-source = bos with label-field = \"\"")
 
 
 SECTIONS = {"dp": DPLoRAConfig, "synthesis": SynthesisSettings, "distill": DistillSettings}

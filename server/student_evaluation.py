@@ -17,6 +17,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from transformers import AutoModelForCausalLM
 
+from common.data.control import load_model_texts
 from common.models.lm import encode_texts, perplexity
 from common.models.loading import load_teacher, student_arrays
 from common.wire import to_array_record
@@ -60,9 +61,7 @@ def public_perplexity(settings, models: dict, tokenizer) -> dict:
     path = settings.public_file()
     if not path.is_file():
         return {}
-    from client.dp_lora import load_texts
-
-    texts = load_texts(path, settings.dp)[:PUBLIC_EVAL_RECORDS]
+    texts = load_model_texts(path, settings.dp.text_field, settings.dp.label_field)[:PUBLIC_EVAL_RECORDS]
     data = encode_texts(texts, tokenizer, settings.dp.max_length)
     return {name: perplexity(model, data) for name, model in models.items()}
 

@@ -12,7 +12,7 @@ than the one the text starts at, so the prefix could not be told from the text.
 
 from __future__ import annotations
 
-from common.errors import DataError
+from common.errors import ConfigError, DataError
 
 SEPARATOR = "\n\n"
 
@@ -69,3 +69,24 @@ def strip_control_code(label: str | None, generated: str, bos: str | None = None
     elif label is None and bos and generated.startswith(bos):
         generated = generated[len(bos):]
     return generated.strip()
+
+
+def check_label_field(records, path, label_field: str) -> None:
+    """Control codes need a label on every record: say which record lacks one, before any work."""
+    for i, record in enumerate(records):
+        if record.label is None:
+            raise ConfigError(f"{path}: record {i + 1} has no {label_field!r} field (label-field = {label_field!r}); "
+                              "add the field to every record, set label-field to the right name, or use "
+                              "prompt-source = bos with label-field = \"\"")
+
+
+def load_model_texts(path, text_field: str = "text", label_field: str = "") -> list[str]:
+    """A file's records as the model sees them: with control codes (label + blank line + text)
+    when ``label_field`` is set, exactly as the synthesis phase will prompt the teacher."""
+    from common.data.loading import load_records
+
+    if not label_field:
+        return [r.text for r in load_records(path, field=text_field)]
+    records = load_records(path, field=text_field, label_field=label_field)
+    check_label_field(records, path, label_field)
+    return [with_control_code(r.label, r.text) for r in records]
