@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from common.atomic import atomic_write_bytes, atomic_write_json
-from common.privacy.ledger import PrivacyLedger
+from common.privacy.ledger import PrivacyLedger, ledger_paths
 
 STUDENT_DIR = "student"
 MECHANISM_NAMES = {"dp-sgd": "DP-SGD (Poisson-subsampled Gaussian)", "gaussian": "Gaussian mechanism",
@@ -29,7 +29,7 @@ def privacy_summary(run_dir: Path, state: dict) -> dict:
     """What the released student inherits, rebuilt from the ledgers (never from the run state)."""
     settings = state["settings"]
     sites = []
-    for path in sorted((run_dir / "ledgers").glob("*.json")):
+    for path in ledger_paths(run_dir / "ledgers"):
         ledger = PrivacyLedger.load(path)
         run_entries = [e for e in ledger.entries if e["run_id"] == settings.get("name")]
         kinds = Counter(_mechanism_label(e) for e in run_entries)
@@ -78,7 +78,7 @@ def card_document(run_dir: Path, state: dict, audit: dict | None = None) -> dict
         "format": "privdistill-privacy", "version": 1, "model": "student", "method": settings.get("mode"),
         "run": settings.get("name"),
         "privacy": privacy_summary(run_dir, state),
-        "data": {"sites": len(list((run_dir / "ledgers").glob("*.json"))),
+        "data": {"sites": len(ledger_paths(run_dir / "ledgers")),
                  "synthetic_records": distill.get("synthetic_records"),
                  "note": "private record counts and label counts are not published"},
         "models": {"student_parameters": distill.get("student_parameters"),

@@ -83,7 +83,7 @@ def report(state: dict, settings: RunSettings, console) -> None:
     """The round table and every client's ledger, as the demo prints them."""
     from rich.table import Table
 
-    from common.privacy.ledger import PrivacyLedger
+    from common.privacy.ledger import PrivacyLedger, ledger_paths
 
     table = Table(title=f"{settings.name}: {settings.clients} clients × {settings.rounds} rounds, "
                         f"DP-LoRA at ε={settings.dp.epsilon} ({settings.run_dir})")
@@ -100,5 +100,5 @@ def report(state: dict, settings: RunSettings, console) -> None:
     console.print(table)
     console.print("loss: mean DP-SGD train loss; ppl: held-out perplexity over all sites (by records); ε max: "
                   "largest ε spent by a site; ok/drop/rej/ref: valid replies, dropouts, rejected updates, refusals")
-    for ledger_path in sorted((Path(settings.run_dir) / "ledgers").glob("*.json")):
+    for ledger_path in ledger_paths(Path(settings.run_dir) / "ledgers"):
         console.print(PrivacyLedger.load(ledger_path).describe(), markup=False, highlight=False)

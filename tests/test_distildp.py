@@ -18,7 +18,7 @@ from common.cli import main
 from common.data.loading import load_records
 from common.models.lm import encode_texts, perplexity
 from common.models.loading import build_student, load_teacher
-from common.privacy.ledger import PrivacyLedger
+from common.privacy.ledger import PrivacyLedger, ledger_paths
 from common.settings import RunSettings
 from server.checkpoint import RunDirectory
 from server.pipeline import PIPELINES
@@ -107,7 +107,7 @@ def test_exported_student_loads_generates_and_states_its_guarantee(distildp_run)
     generated = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
     card = json.loads((out / "privacy.json").read_text())
-    ledgers = [PrivacyLedger.load(p) for p in sorted((run_dir / "ledgers").glob("*.json"))]
+    ledgers = [PrivacyLedger.load(p) for p in ledger_paths(run_dir / "ledgers")]
     assert card["privacy"]["epsilon"] == pytest.approx(max(l.spent_epsilon() for l in ledgers))
     assert card["privacy"]["delta"] == pytest.approx(max(l.delta for l in ledgers))
     mechanisms = {m["mechanism"] for site in card["privacy"]["sites"] for m in site["mechanisms"]}
@@ -143,7 +143,7 @@ def test_killed_synthesis_and_distillation_resume_to_the_same_result(distildp_ru
     state = run.load_state()
     state["phases"] = {k: v for k, v in state["phases"].items() if k in ("teacher-rounds", "label-histogram")}
     run.commit(state)
-    before = {p.name: _charges(p) for p in (run_dir / "ledgers").glob("*.json")}
+    before = {p.name: _charges(p) for p in ledger_paths(run_dir / "ledgers")}
     root = distildp_run["root"]
 
     with pytest.raises(Exception, match="fault injected: synthesis"):
@@ -163,7 +163,7 @@ def test_killed_synthesis_and_distillation_resume_to_the_same_result(distildp_ru
     assert rows(run_dir) == rows(distildp_run["run"])  # same records, same texts
     after_loss = state["phases"]["distillation"]["final_loss"]
     assert after_loss == pytest.approx(original["distillation"]["final_loss"], rel=1e-4)
-    assert {p.name: _charges(p) for p in (run_dir / "ledgers").glob("*.json")} == before  # no extra charge
+    assert {p.name: _charges(p) for p in ledger_paths(run_dir / "ledgers")} == before  # no extra charge
 
 
 def test_distill_command_turns_a_dp_lora_run_into_a_student(distildp_run, tmp_path):

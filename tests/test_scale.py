@@ -9,7 +9,7 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from common.data.generate import generate_corpus
-from common.privacy.ledger import PrivacyLedger
+from common.privacy.ledger import PrivacyLedger, ledger_paths
 from common.settings import RunSettings
 from simulations.run import prepare_run, simulate
 from tests.conftest import fed_overrides
@@ -31,7 +31,7 @@ def test_hundred_sites_ten_sampled_with_central_dp(fed_root, tmp_path):
     # Held-out evaluation follows the sampling (fraction-evaluate defaults to fraction-train):
     # evaluating all 100 sites each round would cost as much as training them.
     assert record["evaluate"]["clients"] == 10 and state["baseline"]["clients"] == 10
-    ledgers = sorted((run_dir / "ledgers").glob("*.json"))
+    ledgers = ledger_paths(run_dir / "ledgers")
     assert len(ledgers) == 10  # only the sampled sites trained, each charged once
     assert sorted(record["epsilon"]) == sorted(p.stem for p in ledgers)
     assert all(len(PrivacyLedger.load(p).entries) == 1 for p in ledgers)

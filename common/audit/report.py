@@ -107,7 +107,7 @@ def write_report(report: dict, run_dir: Path) -> None:
 
 def write_privacy_card(run_dir: Path) -> Path:
     """privacy_card.md: what the run guarantees (from the ledgers), what it protects, the audit."""
-    from common.privacy.ledger import PrivacyLedger
+    from common.privacy.ledger import PrivacyLedger, ledger_paths
 
     run_dir = Path(run_dir)
     state = json.loads((run_dir / "state.json").read_text())
@@ -123,7 +123,7 @@ def write_privacy_card(run_dir: Path) -> Path:
                   f"({settings.get('accountant', 'rdp').upper()}). It protects each single record of a site's "
                   "private text; it does not hide a site's participation.", "",
                   "| site | ε spent | δ | budget ε | charges |", "|---|---|---|---|---|"]
-        for path in sorted((run_dir / "ledgers").glob("*.json")):
+        for path in ledger_paths(run_dir / "ledgers"):
             ledger = PrivacyLedger.load(path)
             lines.append(f"| {ledger.client_id} | {ledger.spent_epsilon():.3f} | {ledger.delta:.1e} | "
                          f"{ledger.epsilon_budget:g} | {len(ledger.entries)} |")

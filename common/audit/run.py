@@ -38,11 +38,11 @@ class AuditTarget:
 
 def run_targets(run_dir: Path, label: str | None = None) -> AuditTarget:
     """A run directory's final global adapter, with ε and δ from its sites' ledgers."""
-    from common.privacy.ledger import PrivacyLedger
+    from common.privacy.ledger import PrivacyLedger, ledger_paths
 
     state = _state(run_dir)
     settings = state["settings"]
-    ledgers = sorted((run_dir / "ledgers").glob("*.json"))
+    ledgers = ledger_paths(run_dir / "ledgers")
     private = settings.get("private", True)
     if private and not ledgers:
         raise AuditError(f"{run_dir} has no ledgers/ directory with client ledgers; audit a run directory written by "

@@ -605,6 +605,19 @@ class PrivacyLedger:
         self._signature = _signature(os.stat(self.path))
 
 
+def ledger_paths(directory) -> list[Path]:
+    """The privacy ledgers in ``directory`` (sorted), told apart from other JSON kept beside them
+    (σ plans, releases) by their ``format`` field, not by their names."""
+    found = []
+    for path in sorted(Path(directory).glob("*.json")):
+        try:
+            if json.loads(path.read_text(encoding="utf-8")).get("format") == LEDGER_FORMAT:
+                found.append(path)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            continue  # not a ledger (a ledger that became unreadable is reported when opened by name)
+    return found
+
+
 def epsilon_by_accountant(path) -> dict[str, float]:
     """{accountant: ε} of the ledger at ``path``, its own accountant first (for the privacy card)."""
     return PrivacyLedger.load(path).epsilon_by_accountant()
