@@ -18,8 +18,8 @@ Conventions shared by every function here:
   ``input_ids[:, 1:]``, and a position counts iff ``attention_mask[:, 1:]`` is 1 there (its
   *target* is a real token). Padding never counts in any term. The reference DistilDP code
   puts pad tokens into its labels; we don't.
-* All softmaxes run in float32, whatever the models' dtype (bf16 logits would make T²·KL
-  noisy: the KL of two close distributions is a small difference of large numbers).
+* All softmaxes run in float32, whatever the models' dtype: bf16 keeps 8 mantissa bits, so
+  its log-probs are off by more than a well-trained student's whole KL to the teacher.
 * The teacher is a constant: its tensors must carry no gradient. Tensors it produced under
   ``torch.inference_mode`` are accepted (they are cloned into ordinary tensors where autograd
   has to save them, which inference tensors forbid).
