@@ -83,7 +83,9 @@ def card_document(run_dir: Path, state: dict, audit: dict | None = None) -> dict
                  "note": "private record counts and label counts are not published"},
         "models": {"student_parameters": distill.get("student_parameters"),
                    "teacher_parameters": distill.get("teacher_parameters")},
-        "evaluation": {"student": evaluation.get("student"), "teacher": evaluation.get("teacher")},
+        # Held-out record counts are private statistics without DP: the card keeps perplexities only.
+        "evaluation": {who: {k: v for k, v in (evaluation.get(who) or {}).items() if k != "records"}
+                       for who in ("student", "teacher")},
         "synthesis": {k: synthesis.get(k) for k in ("filter", "tokens_per_second") if k in synthesis},
         "settings": {k: settings[k] for k in keys if k in settings},
         "audit": audit,
