@@ -21,14 +21,21 @@ Prints figures; asserts nothing. One process runs, side by side on the same corp
                          with one torch thread (Ray sets OMP_NUM_THREADS to the actor's CPUs);
                serial    num-cpus=1, client-cpus=1: one client at a time, one torch thread;
                serial2   num-cpus=2, client-cpus=2: one client at a time, two torch threads
-                         (optional: ``--modes ...,serial2``).
+                         (optional: ``--modes ...,serial2``);
+               serialcold  as serial, with the actors' warm-model cache off
+                         (``PRIVDISTILL_WARM_MODELS=0``: every message loads the base model from
+                         disk, as before issue 15; optional).
              Each is compared with the baseline that uses the cores the same way: parallel ↔
              baseline (both use the 2 cores: the issue's comparison), serial ↔ baseline1 (one
              thread, one client at a time), serial2 ↔ baseline. Thread count matters a lot for a
              0.7M-parameter model on a busy 2-core machine, hence the pairing.
 
 Both sides therefore do the same work: 1 initial adapter, C×(R+1) evaluations, C×R DP-SGD
-trainings of S logical steps, R FedAvgs. What only the simulation does is the overhead measured:
+trainings of S logical steps, R FedAvgs. (Since issue 15 the simulation does its evaluations
+inside the train messages — each site scores the incoming adapter before training — plus one
+final evaluate message: R+1 messages per site instead of 2R+1. Its "train s" therefore
+includes C×R of the evaluations; "eval s" is the final evaluate only. Both sides load the base
+model through the same per-process warm-model cache, common/models/cache.py.) What only the simulation does is the overhead measured:
 Ray start-up/shut-down, actor processes importing torch/transformers/peft/opacus, message
 passing through Ray's object store, the server's strategy and validation, round checkpoints and
 release files (privdistill's own fault-tolerance I/O) and ``run_round``'s own ``plan_for`` (σ
@@ -49,6 +56,12 @@ training, evaluation and the rest (imports, Ray, server).
 
 This machine may be shared: the load average before/after each pass is printed; compare ratios
 of passes run in the same invocation only.
+
+``--deploy-rounds R`` also measures a real deployment, the test suite's setup
+(tests/test_deployment.py: a TLS SuperLink, two SuperNodes, ``flwr run`` of the app in
+``--deploy-app``, default this checkout; every message starts a fresh ``flwr-clientapp``
+process), and prints its seconds per round. Point ``--deploy-app`` at an older checkout to
+time the code before a change on the same machine.
 
 Usage (from the repository root):
 
@@ -78,7 +91,9 @@ SIM_MODES = {  # mode → (num-cpus, client-cpus)
     "parallel": (2, 1.0),
     "serial": (1, 1.0),
     "serial2": (2, 2.0),
+    "serialcold": (1, 1.0),
 }
+COLD_MODES = {"serialcold"}  # the warm-model cache turned off in the actors
 # mode → (torch threads (None: torch's default), call run_round instead of train_dp_lora)
 BASELINES = {"baseline": (None, False), "baseline1": (1, False), "runround1": (1, True)}
 DEFAULT_MODES = "baseline1,runround1,serial,baseline,parallel"
@@ -333,6 +348,9 @@ def run_sim(settings, run_dir: Path, mode: str) -> dict:
     load0 = load_average()
     called = time.time()
     started = time.perf_counter()
+    saved_env = os.environ.get("PRIVDISTILL_WARM_MODELS")
+    if mode in COLD_MODES:  # ray.init starts the raylet from this environment: the actors inherit it
+        os.environ["PRIVDISTILL_WARM_MODELS"] = "0"
     try:
         state = simulate(settings, client_mods=(make_timing_mod(str(timing_file)),))
     finally:
@@ -340,6 +358,10 @@ def run_sim(settings, run_dir: Path, mode: str) -> dict:
         returned = time.time()
         cpu = sample_cpu.finish()
         marks.restore()
+        if saved_env is None:
+            os.environ.pop("PRIVDISTILL_WARM_MODELS", None)
+        else:
+            os.environ["PRIVDISTILL_WARM_MODELS"] = saved_env
     calls = [json.loads(line) for line in timing_file.read_text().splitlines() if line.strip()]
     by_type: dict[str, float] = {}
     for call in calls:
@@ -362,6 +384,7 @@ def run_sim(settings, run_dir: Path, mode: str) -> dict:
         "handler_train_s": by_type.get("train", 0.0), "handler_eval_s": by_type.get("evaluate", 0.0),
         "train_cpu_s": by_type.get("train_cpu", 0.0), "eval_cpu_s": by_type.get("evaluate_cpu", 0.0),
         "handler_calls": len(calls), "actors": len({c["pid"] for c in calls}),
+        "calls_by_type": {t: sum(1 for c in calls if c["type"] == t) for t in sorted({c["type"] for c in calls})},
         "actor_threads": sorted({c["threads"] for c in calls}),
         "rounds_s": [r["seconds"] for r in state["rounds"]],
         "bytes_per_client": [r["bytes_per_client"] for r in state["rounds"]],
@@ -399,6 +422,46 @@ class time_calls:
             setattr(module, attr, original)
 
 
+def run_deployment(app_dir: Path, rounds: int, work: Path) -> dict:
+    """tests/test_deployment.py's real-process setup (TLS SuperLink, two SuperNodes, `flwr run`
+    of ``app_dir``): wall time of `flwr run`, and each committed round's seconds."""
+    import tests.test_deployment as deployment
+
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "logs").mkdir(exist_ok=True)
+    processes = deployment.Processes(work / "logs")
+    timed, original_run, original_repo = {}, deployment.run_flwr, deployment.REPO
+
+    def timed_run_flwr(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return original_run(*args, **kwargs)
+        finally:
+            timed["flwr_run_s"] = time.perf_counter() - started
+
+    deployment.run_flwr, deployment.REPO = timed_run_flwr, Path(app_dir).resolve()
+    load0 = load_average()
+    try:
+        state, _ = deployment.deploy_over_tls(work, processes, sites=2, rounds=rounds, extra={})
+    finally:
+        deployment.run_flwr, deployment.REPO = original_run, original_repo
+        processes.stop_all()
+    return {"app": str(app_dir), "rounds": rounds, "flwr_run_s": timed.get("flwr_run_s", float("nan")),
+            "rounds_s": [r["seconds"] for r in state["rounds"]],
+            "perplexities": [state["baseline"]["perplexity"]] + [r["evaluate"]["perplexity"] for r in state["rounds"]],
+            "load_before": load0, "load_after": load_average()}
+
+
+def print_deployment(result: dict) -> None:
+    rounds = result["rounds_s"]
+    print(f"\ndeployment ({result['app']}): TLS SuperLink + 2 SuperNodes, {result['rounds']} rounds × 3 local steps; "
+          f"`flwr run` {result['flwr_run_s']:.1f} s ({result['flwr_run_s'] / result['rounds']:.1f} s per round, "
+          f"start-up and round-0 evaluation included); committed rounds "
+          f"{' / '.join(f'{x:.1f}' for x in rounds)} s (mean {sum(rounds) / len(rounds):.1f}); "
+          f"load {result['load_before']} → {result['load_after']}")
+    print("  held-out perplexity per round: " + " ".join(f"{p:.3f}" for p in result["perplexities"]))
+
+
 def import_seconds() -> tuple[float, float]:
     """(wall, CPU) a fresh Python process (e.g. a Ray actor) pays to import the ClientApp's modules."""
     import resource
@@ -424,7 +487,8 @@ def plan_seconds(settings) -> tuple[float, float]:
 # actors side by side ↔ the sequential baseline at torch's default threads (both use 2 cores, as
 # the issue asks); one 1-thread client at a time ↔ the 1-thread baseline; one 2-thread client at a
 # time ↔ the default-threads baseline.
-MATCH = {"parallel": "baseline", "serial": "baseline1", "serial2": "baseline", "runround1": "baseline1"}
+MATCH = {"parallel": "baseline", "serial": "baseline1", "serial2": "baseline", "runround1": "baseline1",
+         "serialcold": "baseline1"}
 
 
 def print_table(header: tuple, rows: list[tuple]) -> None:
@@ -479,7 +543,7 @@ def print_report(args, results: list[dict], extra: dict, info: dict) -> None:
           "(wall − start-up − shut-down) / baseline wall.")
     print(f"a fresh process importing client.client_app: {extra['import_s']:.1f} s ({extra['import_cpu_s']:.1f} "
           f"CPU s); one plan_for (σ calibration) {extra['plan_s']:.2f} s ({extra['plan_cpu_s']:.2f} CPU s) — "
-          f"run_round calls it once more than the baseline, {args.clients * args.rounds} times per simulation")
+          f"memoised per process, and run_round keeps it beside the site's ledger (once per site and run)")
     sims = [r for r in results if r["mode"] not in BASELINES]
     if "runround1" in by_mode and "serial" in by_mode:
         rr, sim = by_mode["runround1"], by_mode["serial"]
@@ -525,7 +589,8 @@ def print_report(args, results: list[dict], extra: dict, info: dict) -> None:
         print("  " + " | ".join([r["mode"].ljust(10)] + [f"{r['cpu_s'].get(k, 0.0):.1f}".rjust(len(k)) for k in kinds]))
     print()
     for r in sims:
-        print(f"{r['mode']}: bytes_per_client recorded by the ServerApp per round: {r['bytes_per_client']}")
+        print(f"{r['mode']}: bytes_per_client recorded by the ServerApp per round: {r['bytes_per_client']}; "
+              f"ClientApp handler calls by message type: {r.get('calls_by_type')}")
     print()
     print("held-out perplexity per round (round 0 first; DP noise is unseeded, so they differ slightly):")
     for r in results:
@@ -545,6 +610,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="corpus + teacher (reused) and the passes' run directories (runs/ is git-ignored)")
     parser.add_argument("--keep", action="store_true", help="keep the passes' run directories")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--deploy-rounds", type=int, default=0,
+                        help="also time the real-process deployment setup for this many rounds (0: skip)")
+    parser.add_argument("--deploy-app", type=Path, default=ROOT,
+                        help="the app (a checkout of this repository) the deployment runs")
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in BASELINES and m not in SIM_MODES]
@@ -586,10 +655,18 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(passes_dir, ignore_errors=True)
     torch.set_num_threads(info["torch_threads"])
+    deployment = None
+    if args.deploy_rounds:
+        print(f"\n=== deployment of {args.deploy_app} (load average {load_average()}) ===", flush=True)
+        deployment = run_deployment(args.deploy_app, args.deploy_rounds, passes_dir.parent / f"deploy-{stamp}")
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "args": {k: str(v) for k, v in vars(args).items()},
-                                         "extra": extra, "setup": setup, "results": results}, indent=2) + "\n")
-    print_report(args, results, extra, info)
+                                         "extra": extra, "setup": setup, "results": results,
+                                         "deployment": deployment}, indent=2) + "\n")
+    if results:
+        print_report(args, results, extra, info)
+    if deployment:
+        print_deployment(deployment)
     return 0
 
 

@@ -1,10 +1,14 @@
 """The Flower ClientApp: what a data-owning site does when the server asks.
 
-train:    global adapter in → check the ledger → DP-SGD LoRA on this site's private split
-          → adapter + metrics out (or a refusal, when the budget would be exceeded).
-          Under secure aggregation the same round runs inside Flower's SecAgg+ mod, which
-          masks the adapter before it leaves (client/secagg.py).
-evaluate: global adapter in → perplexity on this site's held-out split → metrics out.
+train:    global adapter in → (when the server asks, `heldout = true` in the config) its
+          perplexity on this site's held-out split, before any training → check the ledger
+          → DP-SGD LoRA on this site's private split → adapter + metrics out (or a refusal,
+          when the budget would be exceeded), the held-out metrics of the incoming adapter
+          among them (`heldout-loss`, `heldout-perplexity`, `heldout-examples`). One message
+          per site and round does both. Under secure aggregation the same round runs inside
+          Flower's SecAgg+ mod, which masks the adapter before it leaves (client/secagg.py).
+evaluate: global adapter in → perplexity on this site's held-out split → metrics out (the
+          run's final model, and sites the server asks to evaluate without training).
 query.label_histogram: (distildp) the site's DP label histogram, released once per run.
 evaluate.student: (distildp) a distilled student in → its held-out perplexity out.
 
@@ -39,15 +43,21 @@ def build_client_app(overrides: dict | None = None, mods: tuple = ()) -> ClientA
         settings = _settings(context, overrides)
         site = site_from_context(context, settings)
 
-        def train_round(global_adapter, server_round):
+        def train_round(global_adapter, server_round, config):
             if settings.injected_failure(site.client_id, server_round):
                 raise RuntimeError(f"fault injected: {site.client_id} fails in round {server_round}")
-            return dp_lora.run_round(site, settings.dp, settings.name, server_round, global_adapter)
+            # The incoming adapter's held-out figures come first, so they describe the model
+            # the server sent (the previous round's), not what this site makes of it.
+            heldout = dp_lora.heldout_metrics(site, settings.dp, global_adapter) if config.get("heldout") else {}
+            adapter, metrics, refusal = dp_lora.run_round(site, settings.dp, settings.name, server_round,
+                                                          global_adapter)
+            return adapter, {**metrics, **heldout}, refusal
 
         if secagg.is_secagg_message(msg):  # one of SecAgg+'s four stages (Flower's legacy workflow)
             return secagg.secagg_train(msg, context, train_round, site.client_id)
-        server_round = int(msg.content["config"]["server-round"])
-        adapter, metrics, refusal = train_round(from_array_record(msg.content["arrays"]), server_round)
+        config = msg.content["config"]
+        adapter, metrics, refusal = train_round(from_array_record(msg.content["arrays"]),
+                                                int(config["server-round"]), config)
         content = RecordDict({
             "arrays": to_array_record(adapter, settings.wire_dtype),
             "metrics": MetricRecord(metrics),

@@ -21,17 +21,18 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from common.atomic import atomic_write_bytes
-from common.data.loading import load_records
-from common.data.control import with_control_code
+from common.data.control import load_model_texts
 from common.errors import BudgetExceeded
-from common.models.build import adapter_state, build_model, pick_device
+from common.models.build import build_model, pick_device
+from common.models.cache import adapter_copy, warm_lora_model
 from common.models.loading import load_lora_model
 from common.models.lm import encode_texts, per_record_loss, perplexity
+from common.privacy import plan_store
 from common.privacy.dp_sgd import DPSGDPlan, make_private, plan_dp_sgd
 from common.privacy.ledger import DPSGDCharge, PrivacyLedger
-from common.settings import DPLoRAConfig, check_label_field
+from common.settings import DPLoRAConfig
 
-__all__ = ["DPLoRAConfig", "load_lora_model", "train_dp_lora", "run_round", "heldout_perplexity"]
+__all__ = ["DPLoRAConfig", "load_lora_model", "train_dp_lora", "run_round", "heldout_perplexity", "heldout_metrics"]
 
 
 @dataclass
@@ -43,19 +44,21 @@ class LocalResult:
 
 
 def load_texts(path: str | Path, cfg: DPLoRAConfig) -> list[str]:
-    """A site's records as the model sees them: with control codes (label + blank line + text)
-    when ``label-field`` is set, exactly as the synthesis phase will prompt the teacher."""
-    if not cfg.label_field:
-        return [r.text for r in load_records(path, field=cfg.text_field)]
-    records = load_records(path, field=cfg.text_field, label_field=cfg.label_field)
-    check_label_field(records, path, cfg.label_field)
-    return [with_control_code(r.label, r.text) for r in records]
+    """A site's records as its models see them (with control codes when ``label-field`` is set)."""
+    return load_model_texts(path, cfg.text_field, cfg.label_field)
 
 
-def plan_for(train_path: str | Path, cfg: DPLoRAConfig) -> tuple[list[str], DPSGDPlan]:
+def plan_for(train_path: str | Path, cfg: DPLoRAConfig, store: str | Path | None = None
+             ) -> tuple[list[str], DPSGDPlan]:
+    """The site's records and its σ plan for the whole run.
+
+    With ``store`` (a site's plan file beside its ledger, ``plan_store.path_for``) the plan is
+    calibrated once and reused by every later message, also across processes.
+    """
     texts = load_texts(train_path, cfg)
-    plan = plan_dp_sgd(len(texts), cfg.batch_size, cfg.local_steps, cfg.rounds, cfg.epsilon, cfg.delta,
-                       cfg.max_grad_norm, cfg.accountant)
+    args = (len(texts), cfg.batch_size, cfg.local_steps, cfg.rounds, cfg.epsilon, cfg.delta, cfg.max_grad_norm,
+            cfg.accountant)
+    plan = plan_store.load_or_plan(store, *args) if store is not None else plan_dp_sgd(*args)
     return texts, plan
 
 
@@ -74,17 +77,45 @@ def train_dp_lora(model_dir: str | Path, train_path: str | Path, cfg: DPLoRAConf
     if cfg.private:  # holds the budget before any training (atomic check-and-reserve under the ledger's lock)
         ledger.reserve(charge_id, charge, run_id=run_id, round=round_id)
 
-    model, tokenizer = load_lora_model(model_dir, cfg, adapter)
-    dataset = encode_texts(texts, tokenizer, cfg.max_length)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
-    torch.seed()  # DP noise and Poisson sampling must not be predictable from the config's seed
-    if cfg.private:
-        _, trained, optimizer, loader = make_private(model, optimizer, dataset, cfg.batch_size, plan)
-        batches = _physical_batches(loader, optimizer, cfg.max_physical_batch_size)
-    else:
-        trained, batches = model, _shuffled_batches(dataset, cfg.batch_size)
-    device = next(model.parameters()).device
+    # A warm model (this process's cached base + LoRA layers, common/models/cache.py) when there
+    # is one: the same weights a cold load gives, reset and checked after the block.
+    with warm_lora_model(model_dir, cfg, adapter) as (model, tokenizer):
+        dataset = encode_texts(texts, tokenizer, cfg.max_length)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+        torch.seed()  # DP noise and Poisson sampling must not be predictable from the config's seed
+        trained = model
+        try:
+            if cfg.private:
+                _, trained, optimizer, loader = make_private(model, optimizer, dataset, cfg.batch_size, plan)
+                batches = _physical_batches(loader, optimizer, cfg.max_physical_batch_size)
+            else:
+                batches = _shuffled_batches(dataset, cfg.batch_size)
+            history = _train_steps(trained, optimizer, batches, cfg, round_id, progress)
+        finally:
+            if trained is not model:
+                trained.to_standard_module()  # opacus's hooks and per-sample attributes off the model
+        if save_to is not None:
+            model.save_pretrained(save_to)
+        adapter_out = adapter_copy(model)  # owns its memory: the cached model is reset after this block
 
+    if cfg.private:  # the update may now leave the site
+        ledger.release(charge_id)
+    finite = [h for h in history if math.isfinite(h)]
+    metrics = {
+        "train_loss": float(np.mean(finite)) if finite else float("nan"),
+        "examples": len(texts),
+        "steps": cfg.local_steps,
+        "noise_multiplier": plan.noise_multiplier if cfg.private else 0.0,
+        "sample_rate": plan.sample_rate,
+        "epsilon_spent": ledger.spent_epsilon() if cfg.private else math.inf,
+        "epsilon_remaining": ledger.remaining_epsilon() if cfg.private else 0.0,
+    }
+    return LocalResult(adapter_out, metrics, plan, history)
+
+
+def _train_steps(trained, optimizer, batches, cfg: DPLoRAConfig, round_id: int, progress: bool) -> list[float]:
+    """``cfg.local_steps`` logical steps; the mean train loss of each."""
+    device = next(trained.parameters()).device
     trained.train()
     history: list[float] = []   # mean train loss of each logical step
     step_losses: list[float] = []
@@ -105,22 +136,7 @@ def train_dp_lora(model_dir: str | Path, train_path: str | Path, cfg: DPLoRAConf
             bar.set_postfix(loss=f"{history[-1]:.3f}")
             if len(history) == cfg.local_steps:
                 break
-
-    if cfg.private:  # the update may now leave the site
-        ledger.release(charge_id)
-    if save_to is not None:
-        model.save_pretrained(save_to)
-    finite = [h for h in history if math.isfinite(h)]
-    metrics = {
-        "train_loss": float(np.mean(finite)) if finite else float("nan"),
-        "examples": len(texts),
-        "steps": cfg.local_steps,
-        "noise_multiplier": plan.noise_multiplier if cfg.private else 0.0,
-        "sample_rate": plan.sample_rate,
-        "epsilon_spent": ledger.spent_epsilon() if cfg.private else math.inf,
-        "epsilon_remaining": ledger.remaining_epsilon() if cfg.private else 0.0,
-    }
-    return LocalResult(adapter_state(model), metrics, plan, history)
+    return history
 
 
 def _shuffled_batches(dataset, batch_size: int):
@@ -148,8 +164,10 @@ def run_round(site: Site, cfg: DPLoRAConfig, run_name: str, server_round: int,
 
     A round already charged in the ledger is never trained twice: the update released then
     is sent again (re-sending the same bytes costs no privacy). A site over budget refuses.
+    σ is calibrated once per run and kept beside the ledger (``plan_store``): a deployed site,
+    which starts a fresh process for every message, does not search for it again each round.
     """
-    planned = plan_for(site.train_path, cfg)
+    planned = plan_for(site.train_path, cfg, store=plan_store.path_for(site.ledger_path))
     plan = planned[1]
     if not cfg.private:
         result = train_dp_lora(site.model_dir, site.train_path, cfg, None, run_name, server_round, global_adapter,
@@ -220,5 +238,14 @@ def heldout_perplexity(model_dir: str | Path, data_path: str | Path, cfg: DPLoRA
         device, _ = pick_device(cfg.device)
         model, tokenizer = build_model(model_dir).to(device), AutoTokenizer.from_pretrained(model_dir)
     else:
-        model, tokenizer = load_lora_model(model_dir, cfg, adapter)
+        with warm_lora_model(model_dir, cfg, adapter) as (model, tokenizer):
+            return perplexity(model, encode_texts(texts, tokenizer, cfg.max_length)), len(texts)
     return perplexity(model, encode_texts(texts, tokenizer, cfg.max_length)), len(texts)
+
+
+def heldout_metrics(site: Site, cfg: DPLoRAConfig, adapter: dict[str, np.ndarray]) -> dict[str, float]:
+    """What a train reply says about the adapter it came with, before the site trains on it:
+    ``heldout-loss`` (mean token loss, = log perplexity), ``heldout-perplexity`` and
+    ``heldout-examples`` (held-out records). Evaluation spends no privacy budget."""
+    ppl, n = heldout_perplexity(site.model_dir, site.heldout_path, cfg, adapter)
+    return {"heldout-loss": math.log(ppl), "heldout-perplexity": ppl, "heldout-examples": n}

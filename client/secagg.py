@@ -7,7 +7,10 @@ the site's training, and then masks the adapter before it leaves. Under central 
 server's `DifferentialPrivacyClientSideFixedClipping` adds a clipping norm to the fit
 config, and Flower's `fixedclipping_mod` clips this site's update to it before masking.
 
-Order matters and is fixed here: train → clip (update − global ≤ C) → quantise and mask.
+Order matters and is fixed here: [held-out figures of the incoming adapter] → train → clip
+(update − global ≤ C) → quantise and mask. The held-out figures travel in the reply's
+metrics, beside ε and the loss, in the clear (as an evaluate reply would carry them);
+only the adapter is masked.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.wire import ADAPTER_NAMES_KEY
 
-# (global adapter, server round) → (adapter to release, metrics, refusal reason or "")
-RoundTrainer = Callable[[dict[str, np.ndarray], int], tuple[dict[str, np.ndarray], dict, str]]
+# (global adapter, server round, fit config) → (adapter to release, metrics, refusal reason or "")
+RoundTrainer = Callable[[dict[str, np.ndarray], int, dict], tuple[dict[str, np.ndarray], dict, str]]
 
 
 class RoundRefusedError(RuntimeError):
@@ -43,7 +46,7 @@ def secagg_train(msg: Message, context: Context, train_round: RoundTrainer, clie
         fitins = recorddict_to_fitins(inner.content, keep_input=True)
         names = str(fitins.config[ADAPTER_NAMES_KEY]).split(",")
         global_adapter = dict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
-        adapter, metrics, refusal = train_round(global_adapter, int(fitins.config["server-round"]))
+        adapter, metrics, refusal = train_round(global_adapter, int(fitins.config["server-round"]), fitins.config)
         if refusal:
             raise RoundRefusedError(f"refused: {refusal}")
         # Weight 1 for every site: SecAgg+ then averages exactly (see server/secagg.py). The legacy

@@ -4,9 +4,20 @@ Flower 1.41 ships SecAgg+ only on its legacy stack, so this mode runs Flower's
 `DefaultWorkflow` with `SecAggPlusWorkflow` as its fit step, a legacy `FedAvg`, and a
 `LegacyContext`. Each round:
 
-  SecAgg+ setup → share keys → collect masked adapters (each site trains here) → unmask
+  SecAgg+ setup → share keys → collect masked adapters (each site first scores the incoming
+  global adapter on its held-out split, then trains here) → unmask
   → legacy FedAvg sees the unmasked mean only (+ Gaussian noise under central DP)
-  → [our evaluate step] check the mean, charge the server ledger, evaluate, checkpoint.
+  → [our evaluate step] check the mean, charge the server ledger, record the previous
+    model's held-out figure from the replies' metrics, checkpoint (after the last round:
+    one evaluate message per sampled site scores the final model first).
+
+So SecAgg+ rounds carry the held-out evaluation in their training message too (no separate
+evaluate message per round, and no round-0 evaluation: round 1's replies score the initial
+adapter). The held-out metrics travel in the clear in each site's FitRes metrics, as its ε
+and loss do and as a per-site evaluate reply did; only the adapter is masked. A site that
+refuses or fails after the key exchange sends no metrics, so it is missing from that
+figure as from the mean. Every sampled site scores the incoming adapter (the evaluation
+sample within rounds is the training sample; `fraction-evaluate` sizes the final evaluation).
 
 What changes against the plain mode, and why:
 - every site weighs the same (it sends weight 1, SecAgg+ max-weight 1): exact weights
@@ -39,8 +50,8 @@ from flwr.serverapp import Grid
 from common.errors import RoundFailed
 from common.settings import RunSettings
 from common.wire import ADAPTER_NAMES_KEY
-from server.server_app import (commit_round, evaluate_baseline, make_evaluator, open_run, open_server_ledger,
-                               short_reason, wait_for_nodes)
+from server.server_app import (HELDOUT_KEY, commit_round, fill_heldout, finish_evaluation, make_evaluator, open_run,
+                               open_server_ledger, short_reason, wait_for_nodes)
 from server.validation import update_problem
 
 
@@ -49,9 +60,9 @@ def run_secagg_federation(grid: Grid, context: Context, settings: RunSettings) -
     names = sorted(global_adapter)
     wait_for_nodes(grid, settings.clients, timeout=settings.round_timeout)
     evaluator = make_evaluator(settings)
-    evaluate_baseline(evaluator, grid, run, state, global_adapter, settings)
     remaining = settings.rounds - state["completed_round"]
     if remaining <= 0:
+        finish_evaluation(evaluator, grid, run, state, settings, global_adapter)
         return state
 
     offset = state["completed_round"]  # DefaultWorkflow counts its rounds from 1; a resumed run does not
@@ -70,6 +81,8 @@ def run_secagg_federation(grid: Grid, context: Context, settings: RunSettings) -
         outcome = strategy.outcomes.pop(server_round, None)
         if outcome is None or not outcome["aggregated"]:
             valid = outcome["valid"] if outcome else 0
+            if outcome and fill_heldout(state, server_round - 1, outcome.get("heldout")):
+                run.commit(state)  # the previous model's figure is real, whatever this round does
             raise RoundFailed(f"round {server_round}: secure aggregation did not complete ({valid} masked adapters, "
                               f"need {settings.min_clients} and the unmasking threshold); state kept at round "
                               f"{state['completed_round']}, resume to retry")
@@ -82,7 +95,7 @@ def run_secagg_federation(grid: Grid, context: Context, settings: RunSettings) -
                               f"state kept at round {state['completed_round']}")
         global_adapter = mean
         commit_round(grid, evaluator, run, state, settings, server_round, global_adapter, outcome,
-                     outcome.pop("train"), server_ledger, outcome.pop("started"))
+                     outcome.pop("train"), server_ledger, outcome.pop("started"), outcome.pop("heldout"))
 
     workflow = DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(num_shares=float(settings.secagg_shares),
@@ -108,13 +121,13 @@ class SecAggFedAvg(FedAvg):
                          min_available_clients=settings.min_clients, accept_failures=True,
                          initial_parameters=ndarrays_to_parameters([initial[n] for n in names]),
                          on_fit_config_fn=lambda rnd: {"server-round": offset + rnd, "run-name": settings.name,
-                                                       ADAPTER_NAMES_KEY: ",".join(names)})
+                                                       ADAPTER_NAMES_KEY: ",".join(names), HELDOUT_KEY: True})
 
     def configure_fit(self, server_round, parameters, client_manager):
         instructions = super().configure_fit(server_round, parameters, client_manager)
         self.outcomes[self.offset + server_round] = {
             "started": time.monotonic(), "sampled": len(instructions), "valid": 0, "aggregated": False,
-            "dropouts": [], "rejected": [], "refused": [], "epsilon": {}, "train": {}}
+            "dropouts": [], "rejected": [], "refused": [], "epsilon": {}, "train": {}, "heldout": None}
         return instructions
 
     def note_failures(self, server_round: int, failures) -> None:
@@ -138,11 +151,18 @@ class SecAggFedAvg(FedAvg):
         outcome["refused"] = [{"reason": r} for r in refused[:missing]]
         outcome["dropouts"] = [{"reason": others[min(i, len(others) - 1)]}
                                for i in range(missing - len(outcome["refused"]))]
-        losses = []
+        losses, loss, records = [], 0.0, 0
         for _, fit_res in results:
             metrics = fit_res.metrics
             outcome["epsilon"][str(metrics["client-id"])] = float(metrics["epsilon-spent"])
             losses.append(float(metrics["train-loss"]))
+            n, value = metrics.get("heldout-examples", 0), metrics.get("heldout-loss", math.nan)
+            if n and math.isfinite(value):  # the incoming (previous round's) model on this site's held-out split
+                loss, records = loss + float(value) * int(n), records + int(n)
+        if records:
+            outcome["heldout"] = {"perplexity": math.exp(loss / records), "eval-loss": loss / records,
+                                  "clients": sum(1 for _, r in results if r.metrics.get("heldout-examples")),
+                                  "records": records}
         finite = [x for x in losses if math.isfinite(x)]
         outcome["train"] = {"train-loss": float(np.mean(finite)) if finite else math.nan}
         if len(results) < self.settings.min_clients:

@@ -1,23 +1,41 @@
 """The Flower ServerApp: the mode's pipeline (server/pipeline.py), whose first phase is R
 rounds of FedAvg over LoRA adapter tensors, read here top to bottom.
 
-Each round: sample clients (Flower's FedAvg) → send the global adapter → collect replies →
-drop errors, timeouts, refusals and invalid updates (each logged with its node and reason)
-→ FedAvg of the valid ones weighted by examples (or equally, under central DP) → evaluate
-on a sample of sites' held-out splits (`fraction-evaluate`, by default as many as trained;
-weighted by records) → write adapter + round state atomically. `resume` continues from the
-last completed round. Frozen base weights never travel. `secure-aggregation` runs the same
-round through Flower's SecAgg+ instead (server/secagg.py).
+Each round: sample clients (Flower's FedAvg) → send each one message carrying the global
+adapter once (in `wire-dtype`) → each site scores that incoming adapter on its held-out
+split, then trains → collect replies → drop errors, timeouts, refusals and invalid updates
+(each logged with its node and reason) → FedAvg of the valid ones weighted by examples (or
+equally, under central DP) → write adapter + round state atomically.
+
+Held-out perplexity therefore arrives one round late: the replies of round k score the
+model round k−1 produced, and fill that round's figure (round 1's fill `baseline`, the
+round-0 model); after the last round one evaluate message per sampled site scores the
+final model before that round is committed. `state["rounds"][k]["evaluate"]` is the
+held-out perplexity of the model round k produced, as before, at half the messages.
+
+Evaluation sample (`fraction-evaluate`, by default = `fraction-train`): that many sites,
+at least min-clients. When it is no larger than the round's training sample, that many of
+the sampled sites are asked (`heldout = true`) to score the incoming adapter; when it is
+larger, every trained site scores it and the extra sites, not sampled for training, get
+one evaluate message in the same exchange. Sites in neither sample get nothing that round.
+
+`resume` continues from the last completed round: a round whose figure is still pending is
+filled by the next round's replies (or, after the last round, by the final evaluation), and
+no site is charged twice (a site re-sends the update it already released for that round).
+Frozen base weights never travel. `secure-aggregation` runs the same round through Flower's
+SecAgg+ instead (server/secagg.py).
 """
 
 from __future__ import annotations
 
 import math
+import random
 import re
 import time
 from logging import INFO, WARNING
 
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common import MessageType
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
@@ -44,6 +62,9 @@ def build_server_app(overrides: dict | None = None) -> ServerApp:
     return app
 
 
+HELDOUT_KEY = "heldout"  # train config: score the incoming adapter on the held-out split before training
+
+
 def run_federation(grid: Grid, settings: RunSettings) -> dict:
     run, state, global_adapter = open_run(settings)
     wait_for_nodes(grid, settings.clients, timeout=settings.round_timeout)
@@ -57,17 +78,21 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
         plan = settings.central_plan()
         strategy = wrap_strategy(strategy, plan)
         server_ledger = open_server_ledger(run, plan)
-    evaluate_baseline(evaluator, grid, run, state, global_adapter, settings)
 
     for server_round in range(state["completed_round"] + 1, settings.rounds + 1):
         started = time.monotonic()
         config = ConfigRecord({"server-round": server_round, "run-name": settings.name})
-        messages = list(strategy.configure_train(server_round, to_array_record(global_adapter), config, grid))
-        for message in messages:
-            message.metadata.group_id = str(server_round)
+        sampled = list(strategy.configure_train(server_round, to_array_record(global_adapter), config, grid))
+        messages = one_message_per_site(sampled, global_adapter, settings, server_round, grid)
         replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
-        outcome = sort_train_replies(messages, replies, global_adapter, settings)
+        heldout = heldout_of(replies)  # of the model this round started from (round server_round − 1)
+        trained = {m.metadata.dst_node_id for m in sampled}
+        outcome = sort_train_replies([m for m in messages if m.metadata.dst_node_id in trained],
+                                     [r for r in replies if r.metadata.src_node_id in trained], global_adapter,
+                                     settings)
         if len(outcome["valid"]) < settings.min_clients:
+            if fill_heldout(state, server_round - 1, heldout):
+                run.commit(state)  # the previous model's figure is real, whatever this round does
             raise RoundFailed(f"round {server_round}: {len(outcome['valid'])} valid replies, need "
                               f"{settings.min_clients} (dropouts {len(outcome['dropouts'])}, rejected "
                               f"{len(outcome['rejected'])}, refused {len(outcome['refused'])}); "
@@ -76,8 +101,50 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
         global_adapter = from_array_record(aggregated)
         outcome["valid"] = len(outcome["valid"])
         commit_round(grid, evaluator, run, state, settings, server_round, global_adapter, outcome,
-                     dict(train_metrics or {}), server_ledger, started)
+                     dict(train_metrics or {}), server_ledger, started, heldout)
+    finish_evaluation(evaluator, grid, run, state, settings, global_adapter)
     return state
+
+
+def one_message_per_site(sampled: list[Message], global_adapter, settings: RunSettings, server_round: int,
+                         grid: Grid) -> list[Message]:
+    """The round's instructions: one per site, the global adapter once, in the wire dtype.
+
+    ``sampled`` are the strategy's train messages (their config, with any central-DP keys,
+    is kept). Sites in the evaluation sample score the incoming adapter before training
+    (``heldout = true``); sites in it but not sampled for training get an evaluate message.
+    """
+    arrays = to_array_record(global_adapter, settings.wire_dtype)
+    evaluators, extra = evaluation_sample([m.metadata.dst_node_id for m in sampled], list(grid.get_node_ids()),
+                                          settings, server_round)
+    messages = []
+    for message in sampled:
+        node = message.metadata.dst_node_id
+        config = ConfigRecord({**message.content["config"], HELDOUT_KEY: node in evaluators})
+        messages.append(Message(content=RecordDict({**message.content, "arrays": arrays, "config": config}),
+                                message_type=message.metadata.message_type, dst_node_id=node))
+    for node in extra:
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
+        messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
+    for message in messages:
+        message.metadata.group_id = str(server_round)
+    return messages
+
+
+def evaluation_sample(train_nodes: list[int], all_nodes: list[int], settings: RunSettings,
+                      server_round: int) -> tuple[set[int], list[int]]:
+    """(trained sites that score the incoming adapter, untrained sites that get an evaluate message).
+
+    The sample has Flower's size for `fraction-evaluate`: int(N · fraction), at least
+    min-clients, at most N; trained sites are preferred, so with the default
+    (fraction-evaluate = fraction-train) it is exactly the training sample.
+    """
+    wanted = min(len(all_nodes), max(int(len(all_nodes) * settings.fraction_evaluate), settings.min_clients))
+    rng = random.Random(f"{settings.seed}/heldout/{server_round}")
+    if wanted <= len(train_nodes):
+        return set(rng.sample(sorted(train_nodes), wanted)), []
+    others = sorted(set(all_nodes) - set(train_nodes))
+    return set(train_nodes), rng.sample(others, min(len(others), wanted - len(train_nodes)))
 
 
 # ------------------------------------------------------------------------ pieces both round loops share
@@ -108,24 +175,49 @@ def open_server_ledger(run: RunDirectory, plan) -> PrivacyLedger:
                               plan.delta)
 
 
-def evaluate_baseline(evaluator: FedAvg, grid: Grid, run: RunDirectory, state: dict, adapter, settings) -> None:
-    if state["baseline"] is None:  # round 0: the untrained adapter (= the base teacher)
-        state["baseline"] = evaluate(evaluator, grid, 0, adapter, settings)
-        run.commit(state)
-        log(INFO, "round 0: held-out perplexity %.3f", state["baseline"]["perplexity"])
+NO_FIGURE = {"perplexity": math.nan, "eval-loss": math.nan, "clients": 0}
+
+
+def pending_figure() -> dict:
+    """A round's held-out figure before the next round's replies (or the final evaluation) fill it."""
+    return {**NO_FIGURE, "pending": True}
+
+
+def fill_heldout(state: dict, model_round: int, evaluation: dict | None) -> bool:
+    """Record the held-out figure of round ``model_round``'s model (0: the baseline) if it is
+    still missing; True when the state changed. A figure once recorded is never replaced."""
+    if evaluation is None:
+        return False
+    if model_round == 0:
+        if state["baseline"] is None or state["baseline"].get("pending"):
+            state["baseline"] = evaluation
+            return True
+        return False
+    for record in state["rounds"]:
+        if record["round"] == model_round and (record.get("evaluate") or {}).get("pending"):
+            record["evaluate"] = evaluation
+            return True
+    return False
 
 
 def commit_round(grid: Grid, evaluator: FedAvg, run: RunDirectory, state: dict, settings: RunSettings,
                  server_round: int, global_adapter, outcome: dict, train_metrics: dict,
-                 server_ledger: PrivacyLedger | None, started: float) -> None:
-    """Charge the server's user-level ledger, evaluate, and write adapter + round record atomically."""
+                 server_ledger: PrivacyLedger | None, started: float, heldout: dict | None) -> None:
+    """Charge the server's user-level ledger, record the previous model's held-out figure (from
+    this round's replies), and write adapter + round record atomically. The last round's own
+    figure is measured here, before its commit (one evaluate message per sampled site), so a
+    run whose state says "all rounds completed" has every figure."""
     if server_ledger is not None:
         server_ledger.charge(f"{settings.name}/round-{server_round}", settings.central_plan().round_charge(),
                              run_id=settings.name, round=server_round)
-    evaluation = evaluate(evaluator, grid, server_round, global_adapter, settings)
+    fill_heldout(state, server_round - 1, heldout or dict(NO_FIGURE))
+    if server_round >= settings.rounds:
+        evaluation = evaluate(evaluator, grid, server_round, global_adapter, settings)
+    else:
+        evaluation = pending_figure()
     record = {
         "round": server_round,
-        "train": train_metrics,
+        "train": {k: v for k, v in train_metrics.items() if not k.startswith("heldout-")},
         "evaluate": evaluation,
         "valid": outcome["valid"],
         "dropouts": outcome["dropouts"],
@@ -140,11 +232,24 @@ def commit_round(grid: Grid, evaluator: FedAvg, run: RunDirectory, state: dict, 
     state["rounds"].append(record)
     state["completed_round"] = server_round
     run.commit(state)
-    log(INFO, "round %d/%d: train loss %.4f | held-out perplexity %.3f | ε spent max %.3f | "
+    previous = (state["baseline"] if server_round == 1 else next(
+        (r["evaluate"] for r in state["rounds"] if r["round"] == server_round - 1), None)) or {}
+    last = f" | held-out perplexity of round {server_round} {evaluation['perplexity']:.3f}" \
+        if not evaluation.get("pending") else ""
+    log(INFO, "round %d/%d: train loss %.4f | held-out perplexity of round %d %.3f%s | ε spent max %.3f | "
         "valid %d, dropouts %d, rejected %d, refused %d | %.1fs", server_round, settings.rounds,
-        record["train"].get("train-loss", math.nan), evaluation["perplexity"],
+        record["train"].get("train-loss", math.nan), server_round - 1, previous.get("perplexity", math.nan), last,
         max(outcome["epsilon"].values(), default=0.0), record["valid"], len(record["dropouts"]),
         len(record["rejected"]), len(record["refused"]), record["seconds"])
+
+
+def finish_evaluation(evaluator: FedAvg, grid: Grid, run: RunDirectory, state: dict, settings: RunSettings,
+                      adapter) -> None:
+    """Measure the final model's figure if it is still pending (a state written mid-way by an
+    older layout, or a run resumed with fewer rounds than it had); a no-op otherwise."""
+    if state["rounds"] and state["completed_round"] >= settings.rounds and state["rounds"][-1]["evaluate"].get("pending"):
+        state["rounds"][-1]["evaluate"] = evaluate(evaluator, grid, state["completed_round"], adapter, settings)
+        run.commit(state)
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> int:
@@ -214,15 +319,39 @@ def _reply_problem(reply: Message, global_adapter, settings) -> tuple[str | None
 
 
 def evaluate(strategy: FedAvg, grid: Grid, server_round: int, adapter, settings: RunSettings) -> dict:
-    """Held-out perplexity over all clients, weighted by their held-out record counts."""
-    messages = list(strategy.configure_evaluate(server_round, to_array_record(adapter), ConfigRecord({}), grid))
+    """Held-out perplexity of ``adapter`` over a sample of sites (`fraction-evaluate`), weighted
+    by their held-out record counts; the adapter travels in the wire dtype."""
+    arrays = to_array_record(adapter, settings.wire_dtype)
+    messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord({}), grid))
     replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
-    ok = [r for r in replies if not r.has_error()]
-    metrics = strategy.aggregate_evaluate(server_round, ok) if ok else None
-    if not metrics:
-        return {"perplexity": math.nan, "eval-loss": math.nan, "clients": 0}
-    return {"perplexity": math.exp(metrics["eval-loss"]), "eval-loss": metrics["eval-loss"],
-            "clients": len(ok), "records": sum(int(r.content["metrics"]["num-examples"]) for r in ok)}
+    return heldout_of(replies) or dict(NO_FIGURE)
+
+
+def heldout_of(replies: list[Message]) -> dict | None:
+    """The record-weighted held-out figure of the replies that carry one (train replies:
+    ``heldout-loss``/``heldout-examples``; evaluate replies: ``eval-loss``/``num-examples``);
+    None when none does."""
+    loss, records, sites = 0.0, 0, 0
+    for reply in replies:
+        if reply.has_error() or "metrics" not in reply.content:
+            continue
+        metrics = reply.content["metrics"]
+        if "heldout-examples" in metrics:
+            n, value = metrics["heldout-examples"], metrics.get("heldout-loss")
+        elif "eval-loss" in metrics:
+            n, value = metrics.get("num-examples"), metrics["eval-loss"]
+        else:
+            continue
+        if not isinstance(n, (int, float)) or not n > 0 or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            continue
+        loss += float(value) * int(n)
+        records += int(n)
+        sites += 1
+    if not records:
+        return None
+    return {"perplexity": math.exp(loss / records), "eval-loss": loss / records, "clients": sites,
+            "records": records}
 
 
 def initial_adapter(settings: RunSettings):

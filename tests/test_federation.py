@@ -53,9 +53,24 @@ def test_three_clients_two_rounds_improve_and_leak_nothing(fed_root, tmp_path):
         assert 0 < ledger.spent_epsilon() <= 8.0
         assert state["rounds"][-1]["epsilon"][f"client_{i}"] == pytest.approx(ledger.spent_epsilon())
 
-    # Wire: every message in and out of every site, in Flower's own encoding.
+    # The round table: baseline = the round-0 model, round k = the model round k produced, each
+    # scored on all three sites' held-out splits (round k's figure came with round k+1's train
+    # replies, the last round's from the one final evaluate message).
+    from client.dp_lora import heldout_perplexity
+
+    settings = RunSettings.from_flat(state["settings"])
+    for k, figure in enumerate([state["baseline"]] + [r["evaluate"] for r in state["rounds"]]):
+        adapter = run.load_adapter(f"adapters/round_{k}.safetensors")
+        scores = [heldout_perplexity(fed_root / "teacher", fed_root / "corpus" / f"client_{i}" / "heldout.jsonl",
+                                     settings.dp, adapter) for i in range(3)]
+        expected = np.exp(sum(n * np.log(p) for p, n in scores) / sum(n for _, n in scores))
+        assert figure["clients"] == 3 and figure["perplexity"] == pytest.approx(expected, rel=1e-6), k
+
+    # Wire: every message in and out of every site, in Flower's own encoding. One message per
+    # site and round (train, carrying the held-out evaluation of the incoming adapter), and
+    # one final evaluate message: R + 1 exchanges per site, where there were 2R + 1.
     payloads = {p.name: p.read_bytes() for p in sorted(wire.glob("*.bin"))}
-    assert len(payloads) == 2 * 3 * (2 + 3)  # in+out × sites × (train rounds + evaluations incl. round 0)
+    assert len(payloads) == 2 * 3 * (2 + 1)  # in+out × sites × (train rounds + the final evaluation)
     corpus = fed_root / "corpus"
     texts = [r.text for i in range(3) for split in ("train", "heldout")
              for r in load_records(corpus / f"client_{i}" / f"{split}.jsonl")]
@@ -145,6 +160,8 @@ def test_server_killed_mid_run_resumes_and_charges_each_round_once(fed_root, tmp
     assert rc == 0
     state = RunDirectory(run_dir).load_state()
     assert state["completed_round"] == 3 and [r["round"] for r in state["rounds"]] == [1, 2, 3]
+    figures = [state["baseline"]] + [r["evaluate"] for r in state["rounds"]]  # every round's figure filled
+    assert all(f["perplexity"] and f["clients"] == 3 and not f.get("pending") for f in figures), figures
     for i in range(3):
         charges = _charges(run_dir / "ledgers" / f"client_{i}.json")
         assert charges == ["killed/round-1", "killed/round-2", "killed/round-3"]
