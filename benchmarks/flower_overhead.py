@@ -38,12 +38,14 @@ includes C×R of the evaluations; "eval s" is the final evaluate only. Both side
 model through the same per-process warm-model cache, common/models/cache.py.) What only the simulation does is the overhead measured:
 Ray start-up/shut-down, actor processes importing torch/transformers/peft/opacus, message
 passing through Ray's object store, the server's strategy and validation, round checkpoints and
-release files (privdistill's own fault-tolerance I/O) and ``run_round``'s own ``plan_for`` (σ
-calibration, done once more inside ``train_dp_lora``). The last one is timed separately below.
+release files (privdistill's own fault-tolerance I/O) and ``run_round``'s own ``plan_for`` (σ,
+memoised per process and, since issue 15, kept beside each site's ledger). One calibration is
+timed separately below.
 
 Timing details: the baseline runs in this process after torch & co. are imported (its imports
-are not timed); the import cost a fresh process pays is measured separately (a subprocess
-importing ``client.client_app``) and shown next to the simulation's start-up. Inside the
+are not timed; its σ calibrations are, once per client, as the simulation's actors pay them);
+the import cost a fresh process pays is measured separately (a subprocess importing
+``client.client_app``) and shown next to the simulation's start-up. Inside the
 simulation a ClientApp mod writes the wall-clock start/end of every handler call (train /
 evaluate), its pid and torch's thread count to a JSONL file; from it: start-up = first handler
 start − ``simulate()`` call, shut-down = ``simulate()`` return − last handler end, and the
@@ -283,6 +285,11 @@ def _run_baseline(settings, out_dir: Path, mode: str, use_run_round: bool) -> di
     for c in clients:  # not timed: needs δ from the plan (one σ calibration per client)
         _, plan = plan_for(data / c / "train.jsonl", cfg)
         ledgers[c] = PrivacyLedger.open(out_dir / "ledgers" / f"{c}.json", c, cfg.epsilon, plan.delta, cfg.accountant)
+    # The simulation calibrates each site's σ once (per actor process) inside its timed rounds; so
+    # does the baseline, in its first train_dp_lora per site, once the memo filled above is cleared.
+    from common.privacy.accounting import calibrate_noise
+
+    calibrate_noise.cache_clear()
 
     sample_cpu = CpuSampler()
     sample_cpu.start()

@@ -324,8 +324,11 @@ def test_persisted_plan_is_reused_and_recomputed_when_an_input_changes(fed_root,
     first = dp_lora.plan_for(train, cfg, store)[1]
     assert len(calibrations) == 1 and store.is_file()
     calibrations.surrogate_for = calibrations[0]  # the changed plans below only need to be different
-    again = dp_lora.plan_for(train, cfg, store)[1]  # a later message (a fresh process at a deployed site)
-    assert again == first and len(calibrations) == 1
+    assert dp_lora.plan_for(train, cfg, store)[1] == first and len(calibrations) == 1  # a later message, same process
+    plan_store._checked.clear()  # a later message in a fresh process (a deployed site): from the file
+    reused = plan_store.stats["reused"]
+    again = dp_lora.plan_for(train, cfg, store)[1]
+    assert again == first and len(calibrations) == 1 and plan_store.stats["reused"] == reused + 1
     for change in ({"batch_size": 8}, {"local_steps": 4}, {"rounds": 3}, {"epsilon": 4.0}, {"delta": 1e-6},
                    {"accountant": "pld"}):
         before = len(calibrations)
@@ -369,9 +372,10 @@ def test_corrupted_plan_file_is_recalculated_not_trusted(fed_root, tmp_path, cal
         if damage == "sigma-lowered-redigested":  # consistent digest: only the ε check catches it
             entry["digest"] = plan_store._digest(entry["inputs"], entry["plan"])
         store.write_text(json.dumps(data))
-    plan = dp_lora.plan_for(train, cfg, store)[1]
+    plan = dp_lora.plan_for(train, cfg, store)[1]  # same process: the memo sees the file changed
     assert len(calibrations) == 2 and plan == good
     json.loads(store.read_text())  # rewritten whole
+    plan_store._checked.clear()
     dp_lora.plan_for(train, cfg, store)
     assert len(calibrations) == 2
 

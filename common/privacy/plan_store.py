@@ -16,7 +16,9 @@ are exactly what these inputs imply (sample rate, steps, rounds, δ, accountant,
 finite and positive, and the accountant's ε of the plan is ≤ the target (one ε evaluation,
 a fraction of the search's cost, and memoised in-process by ``accounting``). Anything else
 — a corrupt or truncated file, an edited σ, a plan that overspends — is recalculated and
-rewritten, never trusted. Privacy does not rest on this file: the ledger checks and
+rewritten, never trusted. Within one process (a simulation actor serving a site round after
+round) a plan this process calibrated or verified is reused without re-checking while the
+file is unchanged (same size, mtime and inode). Privacy does not rest on this file: the ledger checks and
 charges every round with the σ actually used.
 """
 
@@ -41,6 +43,7 @@ MAX_PLANS = 32  # plans kept per site (newest last); older runs' plans are dropp
 _EPSILON_SLACK = 1e-9  # relative: the verified ε may not exceed the target by more than rounding
 _logger = getLogger(__name__)
 stats = {"calibrated": 0, "reused": 0, "rejected": 0}  # for tests and benchmarks
+_checked: dict[tuple[str, str], tuple[tuple, DPSGDPlan]] = {}  # (file, key) → (file signature, plan)
 
 
 def path_for(ledger_path: str | Path) -> Path:
@@ -95,12 +98,18 @@ def load_or_plan(store: str | Path, n_records: int, batch_size: int, steps_per_r
     inputs = plan_inputs(n_records, batch_size, steps_per_round, rounds, target_epsilon, delta, max_grad_norm,
                          accountant)
     key = key_of(inputs)
+    memo = (str(store.resolve()), key)
+    known = _checked.get(memo)
+    if known is not None and known[0] == _signature(store):
+        stats["reused"] += 1
+        return known[1]
     plans = _read(store)
     entry = plans.get(key)
     if entry is not None:
         plan, problem = _verified(entry, inputs)
         if plan is not None:
             stats["reused"] += 1
+            _checked[memo] = (_signature(store), plan)
             return plan
         stats["rejected"] += 1
         _logger.log(WARNING, "stored σ plan in %s not used (%s); calibrating again", store, problem)
@@ -117,7 +126,16 @@ def load_or_plan(store: str | Path, n_records: int, batch_size: int, steps_per_r
         atomic_write_json(store, {"format": FORMAT, "version": VERSION, "plans": plans})
     except OSError as exc:  # a read-only ledger directory costs the next message a calibration, nothing more
         _logger.log(WARNING, "could not keep the σ plan in %s: %s", store, exc)
+    _checked[memo] = (_signature(store), plan)
     return plan
+
+
+def _signature(store: Path) -> tuple | None:
+    try:
+        st = store.stat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def _read(store: Path) -> dict:
