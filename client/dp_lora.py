@@ -122,10 +122,12 @@ def _train_steps(trained, optimizer, batches, cfg: DPLoRAConfig, round_id: int, 
     with tqdm(total=cfg.local_steps, desc=f"{'DP-SGD' if cfg.private else 'NON-PRIVATE'} round {round_id}",
               disable=not progress) as bar:
         for input_ids, mask in batches:
-            if input_ids.numel():  # an empty Poisson batch still takes a (noise-only) step
+            if input_ids.numel():
                 loss = per_record_loss(trained, input_ids.to(device), mask.to(device)).mean()
                 loss.backward()
                 step_losses.append(loss.item())
+            elif cfg.private:
+                _empty_per_sample_grads(trained)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if getattr(optimizer, "_is_last_step_skipped", False):  # a physical slice of a logical batch
@@ -137,6 +139,19 @@ def _train_steps(trained, optimizer, batches, cfg: DPLoRAConfig, round_id: int, 
             if len(history) == cfg.local_steps:
                 break
     return history
+
+
+def _empty_per_sample_grads(model) -> None:
+    """Zero-size per-sample gradients for an empty Poisson batch.
+
+    The batch must still take its step (noise only): the accountant assumes every step samples,
+    and skipping one would change the mechanism. The model cannot run a forward pass on zero
+    records (GPT-2 cannot reshape an empty batch), and opacus refuses to step without per-sample
+    gradients, so they are set here to what a forward/backward over no records would give.
+    """
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
 
 
 def _shuffled_batches(dataset, batch_size: int):

@@ -99,3 +99,18 @@ def test_plan_hits_target_epsilon_for_whole_run():
     # Planning more rounds at the same ε needs more noise.
     longer = plan_dp_sgd(n_records=200, batch_size=16, steps_per_round=20, rounds=6, target_epsilon=8.0)
     assert longer.noise_multiplier > plan.noise_multiplier
+
+
+def test_an_empty_poisson_batch_takes_a_noise_only_step(tmp_path):
+    # 3 records at batch 1 (q = 1/3): about 30% of Poisson batches are empty. Each must still take
+    # its step, adding noise and nothing else (regression: opacus raised "Per sample gradient is
+    # not initialized" and failed the site's round).
+    model_dir = save_tiny_model(tmp_path / "model")
+    data = write_jsonl(tmp_path / "train.jsonl", SAMPLE_TEXTS[:3])
+    cfg = DPLoRAConfig(epsilon=50.0, local_steps=12, batch_size=1, max_length=32, rounds=3)
+    ledger = PrivacyLedger.open(tmp_path / "ledger.json", "site-a", 1000.0, 1e-4)
+    histories = [train_dp_lora(model_dir, data, cfg, ledger, run_id="t", round_id=r).history for r in (1, 2, 3)]
+    steps = [h for history in histories for h in history]
+    assert len(steps) == 36
+    assert any(np.isnan(h) for h in steps), "no empty batch was drawn in 36 steps (p ≈ 1e-6)"
+    assert all(ledger.has_charge(f"t/round-{r}") for r in (1, 2, 3))
