@@ -7,6 +7,7 @@ Used by the privacy ledger and by the server's round checkpoints.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -34,6 +35,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_json(path: str | Path, data: dict) -> None:
     text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_safe(value):
+    """Floats JSON can hold: ∞ → "inf" (a stated "no DP"), NaN and −∞ → null; containers recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else ("inf" if value > 0 else None)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def _fsync_directory(directory: Path) -> None:

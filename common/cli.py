@@ -188,6 +188,36 @@ def demo(name: str = typer.Option("demo", help="Run name: everything goes under 
     run_distildp_demo(name, runs, epsilon, parse_overrides(set_))
 
 
+@app.command("compare")
+def compare_command(
+    config: Path = typer.Option(Path(__file__).resolve().parent.parent / "simulations" / "configs" / "compare.toml",
+                                help="Comparison config: a [compare] table (methods, epsilons, seeds, models) and the "
+                                     "run settings every cell shares."),
+    out: Optional[Path] = typer.Option(None, help="Comparison directory (default: out-dir of the config). Re-running "
+                                                  "it resumes: finished cells are kept, a cut run continues."),
+    set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set 'epsilons=[2.0]' "
+                                                     "--set 'methods=[\"distildp\"]' --set local-steps=30."),
+) -> None:
+    """Every distillation method side by side at equal ε: compare.md, compare.json and compare.png."""
+    from common.settings import parse_overrides
+    from simulations.compare import load_comparison, run_comparison
+    from simulations.console import quiet_console
+
+    overrides = parse_overrides(set_)
+    if out is not None:
+        overrides["out-dir"] = str(out)
+    comparison = load_comparison(config, overrides)
+    cells = comparison.compare.cells()
+    console.print(f"[bold]privdistill compare[/] → {comparison.out}: {len(cells)} cells "
+                  f"({', '.join(comparison.compare.methods)} × ε {comparison.compare.epsilons} × seeds "
+                  f"{comparison.compare.seeds}); dependencies' output goes to {comparison.out / 'log.txt'}")
+    comparison.out.mkdir(parents=True, exist_ok=True)
+    with quiet_console(comparison.out / "log.txt") as terminal:
+        run_comparison(comparison, Console(file=terminal))
+    console.print((comparison.out / "compare.md").read_text(encoding="utf-8"), markup=False, highlight=False)
+    console.print(f"written: {comparison.out / 'compare.md'}, compare.json, compare.png")
+
+
 @ledger_app.command("show")
 def ledger_show(path: Path = typer.Argument(..., help="A client's (or the server's) ledger JSON file.")) -> None:
     """Print a ledger: budget, entries, and (ε, δ) rebuilt by its accountant (and the others beside it)."""

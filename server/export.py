@@ -13,7 +13,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from common.atomic import atomic_write_bytes, atomic_write_json
+from common.atomic import atomic_write_bytes, atomic_write_json, json_safe
 from common.privacy.ledger import PrivacyLedger, ledger_paths
 
 STUDENT_DIR = "student"
@@ -166,19 +166,10 @@ def write_cards(run_dir: Path, audit: dict | None = None) -> Path:
     state = json.loads((run_dir / "state.json").read_text())
     doc = card_document(run_dir, state, audit)
     out = run_dir / STUDENT_DIR
-    atomic_write_json(out / "privacy.json", _json_safe(doc))
+    atomic_write_json(out / "privacy.json", json_safe(doc))
     atomic_write_bytes(out / "README.md", model_card(doc).encode("utf-8"))
     return out
 
-
-def _json_safe(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else ("inf" if value > 0 else None)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def run(phase) -> dict:

@@ -97,7 +97,13 @@ def load_target(target: AuditTarget):
 def audit_data(run_dir: Path, max_records: int, seed: int) -> tuple[list[str], list[str], list[dict]]:
     """Members, non-members (equal numbers, seeded sample) and the canaries of a run."""
     settings = _state(run_dir)["settings"]
-    data_dir = Path(settings.get("data-dir", ""))
+    return audit_records(Path(settings.get("data-dir", "")), int(settings.get("clients", 0)),
+                         settings.get("label-field") or None, max_records, seed)
+
+
+def audit_records(data_dir: Path, clients: int, label_field: str | None, max_records: int, seed: int
+                  ) -> tuple[list[str], list[str], list[dict]]:
+    """Members, non-members and canaries of the sites ``client_0 … client_{clients-1}`` under ``data_dir``."""
     canary_file = data_dir / "canaries.json"
     if not canary_file.is_file():
         raise AuditError(f"{canary_file} not found: the audit needs the run's canaries; generate the corpus with "
@@ -105,12 +111,11 @@ def audit_data(run_dir: Path, max_records: int, seed: int) -> tuple[list[str], l
     canaries = json.loads(canary_file.read_text())["canaries"]
     secrets = {c["text"] for c in canaries}
     members, nonmembers = [], []
-    label_field = settings.get("label-field") or None
 
     def as_trained(r):  # with control codes when the run trained on them (label + blank line + text)
         return with_control_code(r.label, r.text) if label_field else r.text
 
-    for i in range(int(settings.get("clients", 0))):
+    for i in range(clients):
         members += [as_trained(r) for r in load_records(data_dir / f"client_{i}" / "train.jsonl", label_field=label_field)
                     if r.text not in secrets]
         nonmembers += [as_trained(r) for r in load_records(data_dir / f"client_{i}" / "heldout.jsonl",
