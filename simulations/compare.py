@@ -164,6 +164,7 @@ def load_comparison(path: str | Path, overrides: dict | None = None) -> Comparis
     for cell in compare.cells():  # every cell's settings parse (unknown keys, bad values) before any run
         for values in cell_runs(comparison, cell, Path("/nonexistent")):
             RunSettings.from_flat(values)
+    check_data(comparison)
     return comparison
 
 
@@ -339,7 +340,6 @@ def fork_after_synthesis(source: Path, target: Path) -> None:
 def run_comparison(comparison: Comparison, console=None) -> dict:
     from simulations.compare_report import write_report
 
-    check_data(comparison)
     comparison.out.mkdir(parents=True, exist_ok=True)
     bases = prepare_bases(comparison, console)
     from simulations import compare_cells

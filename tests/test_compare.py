@@ -1,0 +1,127 @@
+"""`privdistill compare` on tiny models: every cell through the real pipelines (Simulation Engine,
+ledgers, export), a cut comparison resumed, and bad configs refused before anything runs.
+
+One comparison is shared by the tests (session fixture): it is first cut in the distildp run's
+distillation (fault injection), then resumed with one more method.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from common.cli import main
+from common.errors import ConfigError
+from common.privacy.ledger import PrivacyLedger, ledger_paths
+from simulations.compare import load_comparison, run_comparison
+
+CONFIG = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "compare.toml"
+
+
+def tiny(root, out, **changes) -> dict:
+    """3 sites × 1 round on the session corpus (a user's directory), its teacher as a user's model."""
+    return {"methods": ["distildp"], "out-dir": str(out), "data-dir": str(root / "corpus"), "generate-data": False,
+            "teacher-model": str(root / "teacher"), "student-model": "tiny-gpt2", "student-warmup-steps": 20,
+            "epsilons": [8.0], "seeds": [0], "clients": 3, "rounds": 1, "min-clients": 2, "local-steps": 3,
+            "synthetic-records": 48, "gen-max-new-tokens": 32, "shard-size": 24, "distill-steps": 10,
+            "distill-batch-size": 8, "distill-checkpoint-every": 5, "leakage-records": 20, "leakage-candidates": 20,
+            **changes}
+
+
+def _charges(run_dir: Path) -> dict:
+    return {p.stem: [e["charge_id"] for e in PrivacyLedger.load(p).entries] for p in ledger_paths(run_dir / "ledgers")}
+
+
+@pytest.fixture(scope="session")
+def comparison(fed_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare") / "cmp"
+    first = load_comparison(CONFIG, tiny(fed_root, out, methods=["dp-sgd-student", "distildp"],
+                                         **{"fail-phase": "distillation", "fail-phase-after": 5}))
+    with pytest.raises(Exception, match="fault injected: distillation"):
+        run_comparison(first)
+    cut = {"cells": sorted(p.name for p in (out / "cells").glob("*_seed0.json")),
+           "dpsgd_cell": (out / "cells" / "dp-sgd-student_eps8_seed0.json").read_text(),
+           "dpsgd_state": (out / "runs" / "dpsgd_eps8_seed0" / "state.json").read_text(),
+           "kd_charges": _charges(out / "runs" / "kd_eps8_seed0"),
+           "kd_checkpoint": json.loads((out / "runs" / "kd_eps8_seed0" / "distill" / "checkpoint.json").read_text())}
+    resumed = load_comparison(CONFIG, tiny(fed_root, out, methods=["dp-sgd-student", "distildp", "synthetic-hard"]))
+    document = run_comparison(resumed)
+    return {"out": out, "cut": cut, "document": document}
+
+
+def test_every_cell_has_finite_figures_and_the_ledgers_epsilon(comparison):
+    out = comparison["out"]
+    saved = json.loads((out / "compare.json").read_text())
+    cells = {c["method"]: c for c in saved["cells"]}
+    assert set(cells) == {"dp-sgd-student", "distildp", "synthetic-hard"}
+    for method, cell in cells.items():
+        for key in ("heldout_perplexity", "public_perplexity", "mia_auc_loss", "mia_auc_min_k", "exposure_16",
+                    "wall_seconds"):
+            assert isinstance(cell[key], float) and math.isfinite(cell[key]), (method, key, cell[key])
+        assert 0 < cell["epsilon"] <= 8.0 + 1e-9 and 0 < cell["delta"] < 1e-3, method
+        assert 0 <= cell["mia_auc_loss"] <= 1 and cell["parameters"] > 0
+    # the student is the same architecture in every row; the ε is the ledgers', not the target
+    assert len({c["parameters"] for c in cells.values()}) == 1
+    kd_ledgers = [PrivacyLedger.load(p) for p in ledger_paths(out / "runs" / "kd_eps8_seed0" / "ledgers")]
+    assert cells["distildp"]["epsilon"] == pytest.approx(max(l.spent_epsilon() for l in kd_ledgers))
+    table = (out / "compare.md").read_text()
+    assert all(f"| {m} | 8 |" in table for m in cells) and "public student (floor)" in table
+    assert "CPUs" in table and "local-steps = 3" in table  # the machine and the exact settings
+    assert (out / "compare.png").stat().st_size > 10_000
+
+
+def test_a_cut_comparison_resumes_without_redoing_cells_or_charging_twice(comparison):
+    out, cut = comparison["out"], comparison["cut"]
+    assert cut["cells"] == ["dp-sgd-student_eps8_seed0.json"]  # the finished cell, nothing of the cut one
+    assert (out / "cells" / "dp-sgd-student_eps8_seed0.json").read_text() == cut["dpsgd_cell"]
+    assert (out / "runs" / "dpsgd_eps8_seed0" / "state.json").read_text() == cut["dpsgd_state"]
+    assert cut["kd_checkpoint"]["step"] == 5
+    state = json.loads((out / "runs" / "kd_eps8_seed0" / "state.json").read_text())
+    assert state["phases"]["distillation"]["steps"] == 10  # resumed at its checkpoint, finished
+    # the teacher's round and the histogram were charged once, before the cut, and never again
+    assert _charges(out / "runs" / "kd_eps8_seed0") == cut["kd_charges"]
+    for charges in cut["kd_charges"].values():
+        assert charges == ["kd_eps8_seed0/round-1", "kd_eps8_seed0/label-histogram"]
+
+
+def test_synthetic_hard_is_the_same_release_distilled_with_hard_labels(comparison):
+    runs = comparison["out"] / "runs"
+    assert _charges(runs / "hard_eps8_seed0") == _charges(runs / "kd_eps8_seed0")  # nothing new charged
+    hard = json.loads((runs / "hard_eps8_seed0" / "state.json").read_text())
+    assert hard["settings"]["kd-lambda"] == 0.0 and hard["settings"]["kd-beta"] == 0.0
+    assert hard["phases"]["synthesis"] == json.loads((runs / "kd_eps8_seed0" / "state.json").read_text())[
+        "phases"]["synthesis"]
+    assert hard["phases"]["distillation"]["final_kl"] != 0 or hard["phases"]["distillation"]["final_ce"] > 0
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"methods": ["distilldp"]}, "unknown method 'distilldp'.*did you mean 'distildp'"),
+    ({"epsilons": []}, "epsilons is empty"),
+    ({"epsilons": [2.0, 0.0]}, "every ε must be a number > 0"),
+    ({"epsilons": [-1.0]}, "every ε must be a number > 0"),
+    ({"seeds": []}, "seeds must be a non-empty list"),
+    ({"local-stepz": 3}, "did you mean 'local-steps'"),
+])
+def test_bad_config_is_one_line_before_anything_runs(fed_root, tmp_path, capsys, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        load_comparison(CONFIG, tiny(fed_root, tmp_path / "cmp", **changes))
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_data_without_the_label_field_is_refused_up_front(fed_root, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(fed_root / "corpus", data)
+    train = data / "client_1" / "train.jsonl"
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    train.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
+    argv = ["compare", "--config", str(CONFIG), "--out", str(tmp_path / "cmp")]
+    for key, value in tiny(fed_root, tmp_path / "cmp", **{"data-dir": str(data)}).items():
+        argv += ["--set", f"{key}={json.dumps(value)}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "label" in err and "client_1" in err and "Traceback" not in err
+    assert not (tmp_path / "cmp").exists()
