@@ -96,6 +96,8 @@ class CompareSettings:
         out = []
         for method in self.methods:
             for eps in ([FIXED_EPSILON[method]] if method in FIXED_EPSILON else self.epsilons):
+                if method == "distildp" and math.isinf(eps) and "nonprivate-kd" in self.methods:
+                    continue  # the same run and student as nonprivate-kd: one row, not two
                 for seed in self.seeds:
                     cell = Cell(method, float(eps), int(seed))
                     if cell not in out:
@@ -274,6 +276,11 @@ def prepare_bases(comparison: Comparison, console=None) -> Path:
             _say(console, f"{role}: {spec} (as given)")
             build_model(spec).save_pretrained(target)
             AutoTokenizer.from_pretrained(spec).save_pretrained(target)
+    from common.models.loading import check_same_tokenizer
+
+    # Said now, not after the teacher's rounds: every distillation compares token distributions.
+    check_same_tokenizer(AutoTokenizer.from_pretrained(bases / "teacher"), AutoTokenizer.from_pretrained(bases / "student"),
+                         c.teacher_model, c.student_model)
     return bases
 
 

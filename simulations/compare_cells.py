@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from common.atomic import atomic_write_json, json_safe
 
 from common.audit import exposure, mia
-from common.audit.run import audit_data, audit_records
+from common.audit.run import audit_records
 from common.audit.scoring import token_logprobs
 from common.models.build import build_model, count_parameters
 from common.models.loading import load_teacher
@@ -56,7 +56,7 @@ def figures(cell, run_dir: Path, comparison, bases: Path) -> dict:
     epsilon, delta = ledger_epsilon(run_dir, settings)
     return {"heldout_perplexity": heldout, "public_perplexity": public, "parameters": count_parameters(model)[1],
             "epsilon": epsilon, "delta": delta, "wall_seconds": seconds,
-            **leakage(model, tokenizer, audit_data(run_dir, comparison.compare.leakage_records, seed=0), comparison)}
+            **leakage(model, tokenizer, audit_set(comparison), comparison)}
 
 
 def ledger_epsilon(run_dir: Path, settings: RunSettings) -> tuple[float, float | None]:
@@ -70,6 +70,17 @@ def ledger_epsilon(run_dir: Path, settings: RunSettings) -> tuple[float, float |
     return max(l.spent_epsilon() for l in ledgers), max(l.delta for l in ledgers)
 
 
+def data_dir_of(comparison) -> Path:
+    return Path(comparison.run_values.get("data-dir") or comparison.out / "corpus")
+
+
+def audit_set(comparison) -> tuple[list[str], list[str], list[dict]]:
+    """The same members, non-members and canaries for every cell (a user's corpus may have no canaries)."""
+    values = comparison.run_values
+    return audit_records(data_dir_of(comparison), int(values.get("clients", 5)), values.get("label-field") or None,
+                         comparison.compare.leakage_records, seed=0, require_canaries=False)
+
+
 def leakage(model, tokenizer, records, comparison) -> dict:
     """MIA AUC (loss, Min-K%) on (members, non-members) and the 16× canaries' mean exposure."""
     c = comparison.compare
@@ -78,7 +89,8 @@ def leakage(model, tokenizer, records, comparison) -> dict:
     scores = {split: {"loss": [mia.loss_score(lp) for lp in lps], "min-k": [mia.min_k_score(lp, 0.2) for lp in lps]}
               for split, lps in (("m", lp_m), ("n", lp_n))}
     report = mia.membership_report(scores["m"], scores["n"], fprs=(0.01,), n_boot=50)
-    rows = exposure.exposure_table(model, tokenizer, canaries, n_candidates=c.leakage_candidates, seed=0)
+    rows = exposure.exposure_table(model, tokenizer, canaries, n_candidates=c.leakage_candidates, seed=0) \
+        if canaries else []
     by_repeats = exposure.summarize_by_repeats(rows)
     return {"mia_auc_loss": report["loss"]["auc"], "mia_auc_min_k": report["min-k"]["auc"],
             "exposure_16": (by_repeats.get(16) or {}).get("mean"),
@@ -93,9 +105,8 @@ def floor_figures(comparison, bases: Path, console=None) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     _say(console, "floor: scoring the public base models")
-    data_dir = Path(comparison.run_values.get("data-dir") or comparison.out / "corpus")
-    records = audit_records(data_dir, int(comparison.run_values.get("clients", 5)),
-                            comparison.run_values.get("label-field") or None, comparison.compare.leakage_records, 0)
+    data_dir = data_dir_of(comparison)
+    records = audit_set(comparison)
     out = {}
     for role in ("teacher", "student"):
         model, tokenizer = build_model(bases / role).eval(), AutoTokenizer.from_pretrained(bases / role)

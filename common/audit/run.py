@@ -101,14 +101,18 @@ def audit_data(run_dir: Path, max_records: int, seed: int) -> tuple[list[str], l
                          settings.get("label-field") or None, max_records, seed)
 
 
-def audit_records(data_dir: Path, clients: int, label_field: str | None, max_records: int, seed: int
-                  ) -> tuple[list[str], list[str], list[dict]]:
-    """Members, non-members and canaries of the sites ``client_0 … client_{clients-1}`` under ``data_dir``."""
+def audit_records(data_dir: Path, clients: int, label_field: str | None, max_records: int, seed: int,
+                  require_canaries: bool = True) -> tuple[list[str], list[str], list[dict]]:
+    """Members, non-members and canaries of the sites ``client_0 … client_{clients-1}`` under ``data_dir``
+    (no canaries, when ``require_canaries`` is off and the data has none: a user's own corpus)."""
     canary_file = data_dir / "canaries.json"
-    if not canary_file.is_file():
+    if not canary_file.is_file() and not require_canaries:
+        canaries = []
+    elif not canary_file.is_file():
         raise AuditError(f"{canary_file} not found: the audit needs the run's canaries; generate the corpus with "
                          "`privdistill data generate` (it plants them) or plant canaries into a copy of your data")
-    canaries = json.loads(canary_file.read_text())["canaries"]
+    else:
+        canaries = json.loads(canary_file.read_text())["canaries"]
     secrets = {c["text"] for c in canaries}
     members, nonmembers = [], []
 
