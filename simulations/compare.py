@@ -348,6 +348,7 @@ def run_comparison(comparison: Comparison, console=None) -> dict:
     from simulations.compare_report import write_report
 
     comparison.out.mkdir(parents=True, exist_ok=True)
+    check_same_settings(comparison)
     bases = prepare_bases(comparison, console)
     from simulations import compare_cells
 
@@ -362,6 +363,27 @@ def run_comparison(comparison: Comparison, console=None) -> dict:
                 "floor": floor, "cells": results}
     write_report(json_safe(document), comparison.out)
     return document
+
+
+GROWABLE = ("methods", "epsilons", "seeds", "out_dir")  # a comparison may gain cells; nothing else may change
+
+
+def check_same_settings(comparison: Comparison) -> None:
+    """Cells of one comparison share every setting: a re-run with other settings is refused
+    (its cells would not be comparable with the finished ones); more methods, ε or seeds are fine."""
+    path = comparison.out / "settings.json"
+    current = json_safe({"compare": {k: v for k, v in asdict(comparison.compare).items() if k not in GROWABLE},
+                         "run": comparison.run_values})
+    if not path.is_file():
+        atomic_write_json(path, current)
+        return
+    saved = json.loads(path.read_text())
+    changed = sorted({k for part in ("compare", "run") for k in set(saved[part]) | set(current[part])
+                      if saved[part].get(k) != current[part].get(k)})
+    if changed:
+        raise ConfigError(f"{comparison.out} holds a comparison with other settings ({', '.join(changed)}); its cells "
+                          "would not be comparable. Use another --out, or the same settings (only methods, epsilons "
+                          "and seeds may grow)")
 
 
 def machine() -> dict:

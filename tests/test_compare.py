@@ -125,3 +125,13 @@ def test_data_without_the_label_field_is_refused_up_front(fed_root, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "label" in err and "client_1" in err and "Traceback" not in err
     assert not (tmp_path / "cmp").exists()
+
+
+def test_a_comparison_refuses_other_settings_but_may_grow(comparison, fed_root):
+    out = comparison["out"]
+    changed = load_comparison(CONFIG, tiny(fed_root, out, **{"local-steps": 4}))
+    with pytest.raises(ConfigError, match="other settings .local-steps."):
+        run_comparison(changed)
+    grown = load_comparison(CONFIG, tiny(fed_root, out, methods=["distildp"]))
+    from simulations.compare import check_same_settings
+    check_same_settings(grown)  # fewer or more cells with the same settings: accepted
