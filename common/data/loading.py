@@ -317,4 +317,5 @@ def _token_lengths(texts: list[str], tokenizer) -> list[int]:
         return [len(t.split()) for t in texts]
     if hasattr(tokenizer, "encode_batch"):  # a raw `tokenizers.Tokenizer`
         return [len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    # whole lengths are the point here: no truncation, and no warning for each record over the model's limit
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
