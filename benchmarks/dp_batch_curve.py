@@ -76,6 +76,25 @@ def prepare(work: Path, args) -> tuple[Path, Path]:
     return corpus / "client_0", teacher
 
 
+def gradient_norms(teacher: Path, site: Path, args, records: int = 32) -> list[float]:
+    """Per-record gradient norms of the LoRA parameters at initialisation: where C bites."""
+    import torch
+
+    from client.dp_lora import load_texts
+    from common.models.lm import encode_texts, per_record_loss
+    from common.models.loading import load_lora_model
+    from common.settings import DPLoRAConfig
+
+    cfg = DPLoRAConfig(max_length=args.max_length, seed=args.seed)
+    model, tokenizer = load_lora_model(teacher, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms = []
+    for input_ids, mask in encode_texts(load_texts(site / "train.jsonl", cfg)[:records], tokenizer, args.max_length):
+        grads = torch.autograd.grad(per_record_loss(model, input_ids[None], mask[None]).mean(), params)
+        norms.append(float(torch.sqrt(sum((g ** 2).sum() for g in grads))))
+    return sorted(norms)
+
+
 def run_arm(arm: dict, site: Path, teacher: Path, args, ledger_dir: Path) -> dict:
     from client.dp_lora import heldout_perplexity, load_texts, plan_for, train_dp_lora
     from common.privacy.ledger import PrivacyLedger
@@ -204,6 +223,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     site, teacher = prepare(args.work, args)
     print(f"corpus + teacher: {time.perf_counter() - t0:.0f} s ({args.work})", flush=True)
+    norms = gradient_norms(teacher, site, args)
+    norm_line = (f"per-record LoRA gradient norm at initialisation ({len(norms)} training records): median "
+                 f"{norms[len(norms) // 2]:.3f}, range {norms[0]:.3f}–{norms[-1]:.3f}; a C above {norms[-1]:.3f} clips none")
+    print(norm_line, flush=True)
+    if not arms:
+        return 0
     rows = []
     with tempfile.TemporaryDirectory() as ledgers:
         for rep in range(args.reps):
@@ -219,6 +244,7 @@ def main(argv=None) -> int:
           f"{args.spec} teacher warmed up {args.warmup_steps} steps on {args.public_records} public records; "
           f"max length {args.max_length}; ε = {args.epsilon:g} per DP arm (PLD, δ from the site size); "
           f"{args.records} records per arm in expectation (steps × q·n); {args.checkpoints} evaluations (s = step).")
+    print(norm_line[0].upper() + norm_line[1:] + ".")
     print()
     print(table(rows, args))
     if args.png:
