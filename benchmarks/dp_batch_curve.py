@@ -5,7 +5,8 @@ nothing per-site to pick up, so what training gains is what text of the public d
 gives), a tiny teacher warmed up on the public split, then DP-SGD LoRA through the real path:
 ``client.dp_lora.plan_for`` (σ from ``plan_dp_sgd`` for the arm's whole run at ``--epsilon``)
 and ``train_dp_lora`` (opacus, Poisson sampling, ``BatchMemoryManager`` with the arm's physical
-batch), charged to a throwaway ledger per arm.
+batch, the arm's clipping norm C), charged to a throwaway ledger per arm. It also prints the
+per-record LoRA gradient norms at initialisation, the figure to set C against.
 
 Arms get the **same compute**: ``--records`` records processed (in expectation) each, so an arm
 with batch B runs ``records / B`` logical steps. Each arm's run is cut into ``--checkpoints``
@@ -17,8 +18,10 @@ ceiling. DP noise is unseeded (as in production), so ``--reps`` repeats each arm
 
 Usage (from the repository root):
 
-    nice -n 10 .venv/bin/python benchmarks/dp_batch_curve.py                 # the RESULTS.md table
-    .venv/bin/python benchmarks/dp_batch_curve.py --records 1024 --arms 16:5e-3:16,128:1e-2:32
+    nice -n 10 .venv/bin/python benchmarks/dp_batch_curve.py --records 10240 --checkpoints 5   # C = 0.1 rows
+    .venv/bin/python benchmarks/dp_batch_curve.py --records 1024 --arms 16:5e-3:16:1,128:5e-3:32:0.1
+    .venv/bin/python benchmarks/dp_batch_curve.py --arms ""          # the gradient norms only
+    .venv/bin/python benchmarks/dp_batch_curve.py --render a.json b.json --png plot.png
 """
 
 from __future__ import annotations
