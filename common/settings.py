@@ -203,6 +203,7 @@ class RunSettings:
     fail_phase_after: int = 0        # ...this many shards / steps (resume drills)
     # Simulation only (not part of Flower's run config semantics elsewhere).
     generate_data: bool = False
+    site_stamp: bool = True          # generated corpus: per-site export stamp on private records (false: like real text)
     warmup_spec: str = "tiny-gpt2"
     warmup_steps: int = 120
     num_cpus: int = 2

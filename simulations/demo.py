@@ -26,13 +26,15 @@ CONFIG = Path(__file__).parent / "configs" / "distildp.toml"
 
 
 def prepare(run_dir: Path, clients: int = 5, seed: int = 0, warmup_steps: int = 120, spec: str = "tiny-gpt2",
-            public_records: int = 600, train_per_client: int = 200, heldout_per_client: int = 50) -> Path:
+            public_records: int = 600, train_per_client: int = 200, heldout_per_client: int = 50,
+            site_stamp: bool = True) -> Path:
     """Generate the corpus and warm the teacher up (skipped when already there). Returns the model dir."""
     corpus, model_dir = run_dir / "corpus", run_dir / "teacher"
     if not (corpus / "manifest.json").exists():
         console.print(f"[bold]corpus[/]: generating the synthetic private corpus in {corpus}")
         generate_corpus(corpus, n_clients=clients, seed=seed, public_records=public_records,
-                        train_per_client=train_per_client, heldout_per_client=heldout_per_client)
+                        train_per_client=train_per_client, heldout_per_client=heldout_per_client,
+                        site_stamp=site_stamp)
     if not (model_dir / "warmup.json").exists():
         console.print(f"[bold]teacher[/]: training the tokenizer and warming the {spec} teacher up on public data")
         public = [r.text for r in load_records(corpus / "public.jsonl")]
@@ -56,7 +58,7 @@ def run_distildp_demo(name: str = "demo", runs: Path = Path("runs"), epsilon: fl
     with quiet_console(run_dir / "log.txt") as terminal:
         console = Console(file=terminal)
         prepare(run_dir, clients=settings.clients, seed=settings.seed, warmup_steps=settings.warmup_steps,
-                spec=settings.warmup_spec)
+                spec=settings.warmup_spec, site_stamp=settings.site_stamp)
         settings = prepare_run(settings, run_dir, resume)
         console.print(f"[bold]federation[/]: {settings.clients} sites × {settings.rounds} DP-SGD LoRA rounds at "
                       f"ε={epsilon}, then synthesis, distillation, evaluation, export and audit")

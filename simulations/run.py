@@ -26,7 +26,9 @@ def prepare_run(settings: RunSettings, run_dir: Path, resume: bool) -> RunSettin
     if settings.generate_data and not (data_dir / "manifest.json").exists():
         from common.data.generate import generate_corpus
 
-        generate_corpus(data_dir, n_clients=settings.clients, seed=settings.seed)
+        generate_corpus(data_dir, n_clients=settings.clients, seed=settings.seed, site_stamp=settings.site_stamp)
+    elif settings.generate_data:
+        check_generated_stamp(data_dir, settings.site_stamp)
     if not (model_dir / "config.json").exists():
         public = data_dir / "public.jsonl"
         if not public.is_file():
@@ -38,6 +40,16 @@ def prepare_run(settings: RunSettings, run_dir: Path, resume: bool) -> RunSettin
                        steps=settings.warmup_steps, seed=settings.seed)
     settings.check_paths()
     return settings
+
+
+def check_generated_stamp(data_dir: Path, site_stamp: bool) -> None:
+    """A corpus generated earlier is reused only when it has the site stamp setting asked for."""
+    import json
+
+    written = json.loads((data_dir / "manifest.json").read_text()).get("site_stamp", True)  # older corpora: stamped
+    if written != site_stamp:
+        raise ConfigError(f"{data_dir} was generated with site-stamp = {str(written).lower()}; delete it or "
+                          f"point data-dir elsewhere to generate one with site-stamp = {str(site_stamp).lower()}")
 
 
 def simulate(settings: RunSettings, client_mods: tuple = ()) -> dict:

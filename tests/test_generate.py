@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from common.data import CANARY_TEMPLATE, generate_corpus, load_records
-from common.errors import DataError
+from common.errors import ConfigError, DataError
 
 SMALL = dict(n_clients=3, train_per_client=40, heldout_per_client=10, public_records=60,
              canaries_per_repeat=2, repeats=(1, 3, 5))
@@ -133,3 +133,44 @@ def test_plant_canaries_into_a_users_own_file(tmp_path):
     for canary in doc["canaries"]:
         assert [i for i, t in enumerate(rows) if t == canary["text"]] == canary["lines"]
     assert own.read_text().count("\n") == 40  # the original is untouched
+
+
+@pytest.mark.parametrize("domain", ["support", "clinical"])
+def test_site_stamp_switch(tmp_path, domain):
+    from common.cli import main
+
+    stamped = generate_corpus(tmp_path / "on", seed=3, domain=domain, **SMALL)
+    assert main(["data", "generate", "--out", str(tmp_path / "off"), "--seed", "3", "--domain", domain,
+                 "--no-site-stamp", "--clients", "3", "--train-per-client", "40", "--heldout-per-client", "10",
+                 "--public-records", "60"]) == 0
+    plain = json.loads((tmp_path / "off" / "manifest.json").read_text())
+    assert stamped["site_stamp"] is True and plain["site_stamp"] is False
+    marker = {"support": "internal CRM export", "clinical": "EHR progress note"}[domain]
+
+    def private_texts(root):
+        return [row["text"] for p in sorted(root.glob("client_*/*.jsonl")) for row in read_jsonl(p)
+                if row["label"] != "canary"]
+
+    with_stamp, without = private_texts(tmp_path / "on"), private_texts(tmp_path / "off")
+    assert len(without) == len(with_stamp) == 3 * 50
+    assert all(t.startswith("[") and marker in t for t in with_stamp)  # the marker the switch removes
+    assert not any(t.startswith("[") or marker in t for t in without)
+    sites = {t[1:].split(" | ")[0] for t in with_stamp}  # "Newtown branch" / "Newtown Medical Center"
+    assert len(sites) == 3 and not any(site in t for site in sites for t in without)
+    assert all(40 <= len(t.split()) <= 90 for t in without)  # the same kind of record, stamp aside
+
+
+def test_simulation_generates_the_corpus_without_stamps(tmp_path, fed_root):
+    from common.settings import RunSettings
+    from simulations.run import prepare_run
+
+    settings = RunSettings.from_flat({"clients": 2, "min-clients": 2, "generate-data": True, "site-stamp": False,
+                                      "model-dir": str(fed_root / "teacher")})
+    prepare_run(settings, tmp_path / "run", resume=False)
+    corpus = tmp_path / "run" / "corpus"
+    assert json.loads((corpus / "manifest.json").read_text())["site_stamp"] is False
+    assert not any("internal CRM export" in r.text for r in load_records(corpus / "client_0" / "train.jsonl"))
+    stamped = RunSettings.from_flat({"clients": 2, "min-clients": 2, "generate-data": True, "data-dir": str(corpus),
+                                     "model-dir": str(fed_root / "teacher")})  # site-stamp defaults to true
+    with pytest.raises(ConfigError, match="generated with site-stamp = false"):  # never reused silently
+        prepare_run(stamped, tmp_path / "run2", resume=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -72,3 +74,42 @@ def test_unknown_model_spec_is_a_clear_error(tmp_path):
         build_model(str(tmp_path / "nope"))
     with pytest.raises(ConfigError, match="config.json"):
         build_model(str(tmp_path))
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_long_records_are_truncated_without_the_length_warning():
+    # transformers' own logger does not propagate to the root (caplog cannot see it): listen on it.
+    from common.audit.extraction import record_extraction_rate
+    from common.audit.scoring import token_logprobs
+    from common.data.loading import Record, summarize
+    from common.models.lm import encode_texts
+
+    logger, heard = logging.getLogger("transformers"), _Collect()
+    logger.addHandler(heard)
+    try:
+        tokenizer = tiny_tokenizer()  # fresh: transformers warns once per tokenizer object
+        long_record = " ".join(SAMPLE_TEXTS * 30)
+        full = summarize([Record(long_record)], tokenizer)["max"]
+        assert full > tokenizer.model_max_length  # counted whole, not cut
+
+        input_ids, mask = encode_texts([long_record, SAMPLE_TEXTS[0]], tokenizer, max_length=64).tensors
+        assert input_ids.shape == (2, 64) and int(mask[0].sum()) == 64
+        assert input_ids[0, -1] == tokenizer.eos_token_id
+        model = build_model("tiny-gpt2", tokenizer)
+        [logprobs] = token_logprobs(model, tokenizer, [long_record], max_length=64)
+        assert len(logprobs) == 63
+        assert record_extraction_rate(model, tokenizer, [long_record], prefix_tokens=4, suffix_tokens=4)["eligible"] == 1
+        assert not [m for m in heard.messages if "sequence length is longer" in m], heard.messages
+
+        tokenizer(long_record)  # the untruncated call does warn: the listener above would have heard it
+        assert [m for m in heard.messages if "sequence length is longer" in m]
+    finally:
+        logger.removeHandler(heard)

@@ -90,7 +90,8 @@ def record_extraction_rate(model, tokenizer, texts: list[str], prefix_tokens: in
     model.eval()
     device = next(model.parameters()).device
     need = prefix_tokens + suffix_tokens
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    # only the first prefix + suffix tokens are used; cutting there also keeps long records quiet
+    ids = [tokenizer(t, add_special_tokens=False, truncation=True, max_length=need)["input_ids"] for t in texts]
     eligible = [x[:need] for x in ids if len(x) >= need]
     extracted = 0
     for start in range(0, len(eligible), batch_size):

@@ -21,8 +21,10 @@ def token_logprobs(model, tokenizer, texts: list[str], batch_size: int = 16, max
         pre = prefixes[start:start + batch_size] if prefixes else [""] * len(chunk)
         seqs, firsts = [], []
         for prefix, text in zip(pre, chunk):
-            prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
-            ids = (prefix_ids + tokenizer(text, add_special_tokens=False)["input_ids"])[:max_length]
+            # Truncating in the tokenizer keeps transformers from warning once per long record.
+            cut = dict(add_special_tokens=False, truncation=True, max_length=max_length)
+            prefix_ids = tokenizer(prefix, **cut)["input_ids"] if prefix else []
+            ids = (prefix_ids + tokenizer(text, **cut)["input_ids"])[:max_length]
             seqs.append(ids)
             firsts.append(max(len(prefix_ids), 1))  # first scored position
         width = max(len(s) for s in seqs)

@@ -71,13 +71,17 @@ def generate(
     heldout_per_client: int = typer.Option(50, help="Held-out records per client."),
     public_records: int = typer.Option(1000, help="Records in the public split."),
     domain: Domain = typer.Option(Domain.support, help="support: bank tickets; clinical: clinical notes."),
+    site_stamp: bool = typer.Option(True, "--site-stamp/--no-site-stamp",
+                                    help="Start each private record with its site's export stamp (an easy per-site "
+                                         "signal); --no-site-stamp for records that behave like real text."),
 ) -> None:
     """Write an offline demo corpus: public split, per-client train/heldout splits, canaries."""
     manifest = generate_corpus(out, n_clients=clients, seed=seed, train_per_client=train_per_client,
                                heldout_per_client=heldout_per_client, public_records=public_records,
-                               domain=domain.value)
+                               domain=domain.value, site_stamp=site_stamp)
     counts = manifest["counts"]
-    table = Table(title=f"{domain.value} corpus in {out} (seed {seed})")
+    stamp = "site stamps on" if site_stamp else "no site stamps"
+    table = Table(title=f"{domain.value} corpus in {out} (seed {seed}, {stamp})")
     table.add_column("file")
     table.add_column("records", justify="right")
     table.add_row(manifest["files"]["public"], str(counts["public"]))

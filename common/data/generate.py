@@ -8,6 +8,11 @@ Layout written under ``out_dir``::
     canaries.json                every canary and exactly where its copies are
     manifest.json                seed, counts, domain, files (no paths, no timestamps)
 
+Each site's private records carry its export stamp by default (``SITE_STAMPS``): a per-site
+signal the public warm-up cannot know and site fine-tuning learns fast. ``site_stamp=False``
+writes the same records without it, so what a site's training gains is only what real text
+would give (the same distribution as the public split, the site's own persons and canaries).
+
 Randomness comes only from ``Faker("en_US").seed_instance(seed)`` and ``random.Random(seed)``,
 so the same seed gives byte-identical files. Dates are drawn from fixed ranges, never
 relative to today.
@@ -221,6 +226,7 @@ def generate_corpus(
     canaries_per_repeat: int = 2,
     repeats=(1, 4, 16),
     domain: str = "support",
+    site_stamp: bool = True,
 ) -> dict:
     """Write the corpus under ``out_dir`` and return its manifest (also written as manifest.json)."""
     repeats = tuple(repeats)
@@ -241,6 +247,7 @@ def generate_corpus(
     sites = [fake.city() for _ in range(n_clients)]
 
     def records(persons, n, site=None):
+        site = site if site_stamp else None
         return [_record(domain, rng.choice(persons), agents, fake, rng, site) for _ in range(n)]
 
     public = records(public_persons, public_records)
@@ -265,6 +272,7 @@ def generate_corpus(
         "generator": "privdistill.common.data.generate",
         "seed": seed,
         "domain": domain,
+        "site_stamp": site_stamp,
         "categories": list(DOMAINS[domain][1]),
         "n_clients": n_clients,
         "counts": {

@@ -317,4 +317,7 @@ def _token_lengths(texts: list[str], tokenizer) -> list[int]:
         return [len(t.split()) for t in texts]
     if hasattr(tokenizer, "encode_batch"):  # a raw `tokenizers.Tokenizer`
         return [len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    # Whole lengths are the point here: no truncation. A transformers tokenizer (it has a model_max_length)
+    # would warn about each record over that limit; verbose=False keeps it quiet.
+    quiet = {"verbose": False} if hasattr(tokenizer, "model_max_length") else {}
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False, **quiet)["input_ids"]]
