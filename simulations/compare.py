@@ -253,7 +253,8 @@ def prepare_bases(comparison: Comparison, console=None) -> Path:
     if not values.get("data-dir") and not (corpus / "manifest.json").exists():
         _say(console, f"corpus: generating {corpus}")
         generate_corpus(corpus, n_clients=int(values.get("clients", 5)), seed=0, public_records=c.public_records,
-                        train_per_client=c.train_per_client, heldout_per_client=c.heldout_per_client)
+                        train_per_client=c.train_per_client, heldout_per_client=c.heldout_per_client,
+                        site_stamp=bool(values.get("site-stamp", True)))
     public_path = Path(values.get("public-path") or corpus / "public.jsonl")
     bases = out / "bases"
     label_field = values.get("label-field") or None
