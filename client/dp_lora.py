@@ -117,7 +117,8 @@ def train_dp_lora(model_dir: str | Path, train_path: str | Path, cfg: DPLoRAConf
         "epsilon_spent": ledger.spent_epsilon() if cfg.private else math.inf,
         "epsilon_remaining": ledger.remaining_epsilon() if cfg.private else 0.0,
     }
-    return LocalResult(adapter_out, metrics, plan, history, {"train-seconds": train_seconds})
+    metrics["train_seconds"] = train_seconds  # wall seconds of the steps (a client mode may report its parts)
+    return LocalResult(adapter_out, metrics, plan, history)
 
 
 def _train_steps(trained, optimizer, batches, cfg: DPLoRAConfig, round_id: int, progress: bool,

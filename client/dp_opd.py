@@ -165,7 +165,7 @@ def train_dp_opd(model_dir, train_path, cfg, ledger, run_id, round_id, adapter=N
     loss = OPDLoss(teacher, tokenizer, opd)
     result = train_dp_lora(model_dir, train_path, cfg, ledger, run_id, round_id, adapter, planned=planned,
                            loss_fn=loss)
-    result.report.update(loss.report(result.report["train-seconds"]))
+    result.report.update(loss.report(result.metrics["train_seconds"]))
     return result
 
 

@@ -360,6 +360,8 @@ class RunSettings:
         self.distill.validate()
         self.opd.validate()
         if self.mode == "dp-opd" and not self.opd.public_teacher:
+            # absolute, so every process (Ray actors, a resumed server) reads the same run
+            self.opd.opd_teacher = str(Path(self.opd.opd_teacher).expanduser().resolve())
             self.check_teacher_run(self.teacher_run())  # refuses a missing, unfinished or non-DP one, before any work
         if self.mode == "distildp" and self.synthesis.prompt_source == "control-codes" and not self.dp.label_field:
             raise ConfigError("prompt-source = control-codes needs label-field (the data field that holds each "
