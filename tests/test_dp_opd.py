@@ -250,3 +250,13 @@ def test_exported_student_loads_and_nothing_private_leaves_a_site(opd_run):
     card = json.loads((run_dir / "student" / "privacy.json").read_text())
     assert card["method"] == "dp-opd" and card["privacy"]["delta"] > 0
     assert run_leaks(root / "corpus", root / "teacher", opd_run["wire"], run_dir / "student") == []
+
+
+def test_a_site_without_the_teachers_ledger_refuses(opd_run, tmp_path):
+    # A fresh ledger would leave the DP teacher's ε out of the site's composed figure.
+    settings, corpus = opd_run["settings"], opd_run["root"] / "corpus" / "client_0"
+    site = dp_lora.Site("client_0", corpus / "train.jsonl", corpus / "heldout.jsonl", tmp_path / "client_0.json",
+                        settings.site_budget(), Path(settings.rounds_model_dir()), extends_run="teach")
+    adapter, metrics, refusal = dp_lora.run_round(site, settings.dp, "opd-elsewhere", 1, {"a": np.zeros(2)})
+    assert metrics["refused"] == 1 and "holds no charges of run 'teach'" in refusal
+    assert not site.ledger_path.exists()
