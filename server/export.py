@@ -30,7 +30,7 @@ def privacy_summary(run_dir: Path, state: dict) -> dict:
     """What the released student inherits, rebuilt from the ledgers (never from the run state)."""
     settings = state["settings"]
     teacher_run = _teacher_run_name(settings)
-    runs = {settings.get("name"): "teacher LoRA rounds" if settings.get("mode") != "dp-opd" else "student DP-OPD rounds"}
+    runs = {settings.get("name"): "teacher LoRA rounds" if settings.get("mode") != "dp-opd" else "student rounds (dp-opd)"}
     if teacher_run:
         runs[teacher_run] = f"DP teacher's LoRA rounds (run {teacher_run!r})"
     sites = []

@@ -239,7 +239,7 @@ def test_teacher_and_student_compose_in_the_same_ledgers(opd_run):
                                                            for p in ledger_paths(settings.ledger_dir())))
     assert card["privacy"]["epsilon"] > max(opd_run["teacher_epsilon"].values())
     mechanisms = {m["mechanism"] for site in card["privacy"]["sites"] for m in site["mechanisms"]}
-    assert any("student DP-OPD" in m for m in mechanisms) and any("DP teacher" in m for m in mechanisms)
+    assert any("student rounds (dp-opd)" in m for m in mechanisms) and any("DP teacher" in m for m in mechanisms)
     assert "'teach'" in card["privacy"]["covers"] and "without DP is refused" in card["privacy"]["covers"]
 
 
