@@ -10,7 +10,11 @@ train:    global adapter in → (when the server asks, `heldout = true` in the c
 evaluate: global adapter in → perplexity on this site's held-out split → metrics out (the
           run's final model, and sites the server asks to evaluate without training).
 query.label_histogram: (distildp) the site's DP label histogram, released once per run.
-evaluate.student: (distildp) a distilled student in → its held-out perplexity out.
+evaluate.student: (distildp, dp-opd) the run's student in → its held-out perplexity out.
+
+In mode dp-opd the train route runs ``client/dp_opd.py`` instead: the round's adapter is the
+student's LoRA (its base, RUN_DIR/student-base, is built once by the server), trained with
+DP-SGD on the student's own continuations of private prefixes against a frozen teacher.
 
 The site's paths, id and budget come from Flower's node config, so the same app runs at a
 real site (`flower-supernode --node-config ...`) and in the Simulation Engine (where each
@@ -27,7 +31,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client import dp_lora, secagg
+from client import dp_lora, dp_opd, secagg
 from client.label_histogram import release_histogram
 from common.models.loading import student_from_arrays
 from common.settings import RunSettings
@@ -49,8 +53,10 @@ def build_client_app(overrides: dict | None = None, mods: tuple = ()) -> ClientA
             # The incoming adapter's held-out figures come first, so they describe the model
             # the server sent (the previous round's), not what this site makes of it.
             heldout = dp_lora.heldout_metrics(site, settings.dp, global_adapter) if config.get("heldout") else {}
+            # dp-opd trains the student (the round's base) on its rollouts against the teacher
+            trainer = dp_opd.trainer_for(settings) if settings.mode == "dp-opd" else None
             adapter, metrics, refusal = dp_lora.run_round(site, settings.dp, settings.name, server_round,
-                                                          global_adapter)
+                                                          global_adapter, train=trainer)
             return adapter, {**metrics, **heldout}, refusal
 
         if secagg.is_secagg_message(msg):  # one of SecAgg+'s four stages (Flower's legacy workflow)
@@ -119,10 +125,14 @@ def site_from_context(context: Context, settings: RunSettings) -> dp_lora.Site:
     simulated = Path(settings.data_dir) / f"client_{index}"
     train_path = Path(node.get("data-path") or simulated / "train.jsonl")
     heldout_path = Path(node.get("heldout-path") or train_path.with_name("heldout.jsonl"))
-    ledger_path = Path(node.get("ledger-path") or Path(settings.run_dir) / "ledgers" / f"{client_id}.json")
+    ledger_path = Path(node.get("ledger-path") or settings.ledger_dir() / f"{client_id}.json")
     budget = float(node.get("epsilon-budget") or settings.site_budget())
-    model_dir = Path(node.get("model-dir") or settings.model_dir)
-    return dp_lora.Site(client_id, train_path, heldout_path, ledger_path, budget, model_dir)
+    # dp-opd: the rounds train the student (RUN_DIR/student-base); the teacher is loaded separately
+    model_dir = Path(node.get("student-dir" if settings.mode == "dp-opd" else "model-dir")
+                     or settings.rounds_model_dir())
+    teacher = settings.teacher_run()
+    return dp_lora.Site(client_id, train_path, heldout_path, ledger_path, budget, model_dir,
+                        extends_run=teacher.name if teacher else "")
 
 
 app = build_client_app()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class LocalResult:
     metrics: dict[str, float]
     plan: DPSGDPlan
     history: list[float] = field(default_factory=list)  # train loss per logical step
+    report: dict[str, float] = field(default_factory=dict)  # mode-specific metrics for the reply (timings)
 
 
 def load_texts(path: str | Path, cfg: DPLoRAConfig) -> list[str]:
@@ -65,8 +67,11 @@ def plan_for(train_path: str | Path, cfg: DPLoRAConfig, store: str | Path | None
 def train_dp_lora(model_dir: str | Path, train_path: str | Path, cfg: DPLoRAConfig, ledger: PrivacyLedger | None,
                   run_id: str, round_id: int, adapter: dict[str, np.ndarray] | None = None,
                   save_to: str | Path | None = None, progress: bool = False,
-                  planned: tuple[list[str], DPSGDPlan] | None = None) -> LocalResult:
+                  planned: tuple[list[str], DPSGDPlan] | None = None, loss_fn=per_record_loss) -> LocalResult:
     """Run ``cfg.local_steps`` DP-SGD steps on the LoRA adapters and charge the ledger once.
+
+    ``loss_fn`` is each record's loss (``_train_steps``): the LM loss here, dp-opd's
+    rollout-against-the-teacher loss in ``client/dp_opd.py``.
 
     With ``cfg.private = False`` (audit baselines only) the same steps run without clipping
     or noise and nothing is charged: the result has no privacy guarantee (ε = ∞).
@@ -90,7 +95,9 @@ def train_dp_lora(model_dir: str | Path, train_path: str | Path, cfg: DPLoRAConf
                 batches = _physical_batches(loader, optimizer, cfg.max_physical_batch_size)
             else:
                 batches = _shuffled_batches(dataset, cfg.batch_size)
-            history = _train_steps(trained, optimizer, batches, cfg, round_id, progress)
+            started = time.perf_counter()
+            history = _train_steps(trained, optimizer, batches, cfg, round_id, progress, loss_fn)
+            train_seconds = time.perf_counter() - started
         finally:
             if trained is not model:
                 trained.to_standard_module()  # opacus's hooks and per-sample attributes off the model
@@ -110,11 +117,16 @@ def train_dp_lora(model_dir: str | Path, train_path: str | Path, cfg: DPLoRAConf
         "epsilon_spent": ledger.spent_epsilon() if cfg.private else math.inf,
         "epsilon_remaining": ledger.remaining_epsilon() if cfg.private else 0.0,
     }
+    metrics["train_seconds"] = train_seconds  # wall seconds of the steps (a client mode may report its parts)
     return LocalResult(adapter_out, metrics, plan, history)
 
 
-def _train_steps(trained, optimizer, batches, cfg: DPLoRAConfig, round_id: int, progress: bool) -> list[float]:
-    """``cfg.local_steps`` logical steps; the mean train loss of each."""
+def _train_steps(trained, optimizer, batches, cfg: DPLoRAConfig, round_id: int, progress: bool,
+                 loss_fn=per_record_loss) -> list[float]:
+    """``cfg.local_steps`` logical steps; the mean train loss of each.
+
+    ``loss_fn(trained, input_ids, mask)`` gives each record's loss ([batch]); per-sample
+    clipping covers all of it (dp-opd passes its rollout + teacher loss here)."""
     device = next(trained.parameters()).device
     trained.train()
     history: list[float] = []   # mean train loss of each logical step
@@ -123,7 +135,7 @@ def _train_steps(trained, optimizer, batches, cfg: DPLoRAConfig, round_id: int, 
               disable=not progress) as bar:
         for input_ids, mask in batches:
             if input_ids.numel():
-                loss = per_record_loss(trained, input_ids.to(device), mask.to(device)).mean()
+                loss = loss_fn(trained, input_ids.to(device), mask.to(device)).mean()
                 loss.backward()
                 step_losses.append(loss.item())
             elif cfg.private:
@@ -171,26 +183,37 @@ class Site:
     ledger_path: Path
     epsilon_budget: float
     model_dir: Path
+    extends_run: str = ""  # a run whose charges in this ledger this run's budget is planned on top of (dp-opd)
 
 
 def run_round(site: Site, cfg: DPLoRAConfig, run_name: str, server_round: int,
-              global_adapter: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float], str]:
+              global_adapter: dict[str, np.ndarray], train=None) -> tuple[dict[str, np.ndarray], dict[str, float], str]:
     """One federated round at a site: (adapter to send, metrics, refusal reason or "").
+
+    ``train`` is the client mode's trainer, with ``train_dp_lora``'s signature (the default);
+    dp-opd passes its own, so both charge the ledger the same way.
 
     A round already charged in the ledger is never trained twice: the update released then
     is sent again (re-sending the same bytes costs no privacy). A site over budget refuses.
     σ is calibrated once per run and kept beside the ledger (``plan_store``): a deployed site,
     which starts a fresh process for every message, does not search for it again each round.
     """
+    train = train or train_dp_lora
     planned = plan_for(site.train_path, cfg, store=plan_store.path_for(site.ledger_path))
     plan = planned[1]
     if not cfg.private:
-        result = train_dp_lora(site.model_dir, site.train_path, cfg, None, run_name, server_round, global_adapter,
-                               planned=planned)
+        result = train(site.model_dir, site.train_path, cfg, None, run_name, server_round, global_adapter,
+                       planned=planned)
         return result.adapter, {"num-examples": result.metrics["examples"], "train-loss": result.metrics["train_loss"],
                                 "noise-multiplier": 0.0, "epsilon-spent": math.inf, "epsilon-remaining": 0.0,
-                                "refused": 0, "replayed": 0, "unit-weight": 1}, ""
-    ledger = PrivacyLedger.open(site.ledger_path, site.client_id, site.epsilon_budget, plan.delta, cfg.accountant)
+                                "refused": 0, "replayed": 0, "unit-weight": 1, **result.report}, ""
+    if site.extends_run and not _holds_run(site.ledger_path, site.extends_run):
+        # A fresh ledger would hide the earlier run's ε from this site's composed figure.
+        return global_adapter, {"num-examples": 0, "refused": 1}, (
+            f"ledger {site.ledger_path} holds no charges of run {site.extends_run!r}, whose release this run uses; "
+            "point the site at the ledger that run charged")
+    ledger = PrivacyLedger.open(site.ledger_path, site.client_id, site.epsilon_budget, plan.delta, cfg.accountant,
+                                grow_budget=bool(site.extends_run))
     charge_id = f"{run_name}/round-{server_round}"
     release = site.ledger_path.parent / f"{site.ledger_path.stem}.releases" / f"{run_name}-round-{server_round}.safetensors"
     metrics = {"num-examples": 0, "train-loss": float("nan"), "noise-multiplier": plan.noise_multiplier,
@@ -205,15 +228,19 @@ def run_round(site: Site, cfg: DPLoRAConfig, run_name: str, server_round: int,
             f"round {server_round} of run {run_name!r} was already charged but its update was not kept; "
             "not training it twice")
     try:
-        result = train_dp_lora(site.model_dir, site.train_path, cfg, ledger, run_name, server_round, global_adapter,
-                               planned=planned)
+        result = train(site.model_dir, site.train_path, cfg, ledger, run_name, server_round, global_adapter,
+                       planned=planned)
     except BudgetExceeded as refusal:
         return global_adapter, {**metrics, "refused": 1}, str(refusal)
     metrics.update({"num-examples": result.metrics["examples"], "train-loss": result.metrics["train_loss"],
                     "epsilon-spent": result.metrics["epsilon_spent"],
-                    "epsilon-remaining": result.metrics["epsilon_remaining"]})
+                    "epsilon-remaining": result.metrics["epsilon_remaining"], **result.report})
     save_release(release, result.adapter, metrics)
     return result.adapter, metrics, ""
+
+
+def _holds_run(ledger_path: Path, run_id: str) -> bool:
+    return ledger_path.is_file() and any(e["run_id"] == run_id for e in PrivacyLedger.load(ledger_path).entries)
 
 
 def save_release(path: Path, adapter: dict[str, np.ndarray], metrics: dict) -> None:

@@ -122,7 +122,11 @@ def simulate_command(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir after its last completed round."),
     set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set rounds=5 --set epsilon=2."),
 ) -> None:
-    """Run N simulated sites and the server with Flower's Simulation Engine on this machine."""
+    """Run N simulated sites and the server with Flower's Simulation Engine on this machine.
+
+    The config's `mode` picks the pipeline: dp-lora (dp-lora.toml), distildp (distildp.toml)
+    or dp-opd (dp-opd.toml: DP-SGD on the student's own continuations against a frozen teacher).
+    """
     from common.settings import RunSettings, parse_overrides
     from simulations.run import prepare_run, report, simulate
 

@@ -19,7 +19,8 @@ from common.data.control import check_label_field
 from common.errors import ConfigError
 from common.privacy.accounting import DEFAULT_ACCOUNTANT
 
-MODES = ("dp-lora", "distildp")
+MODES = ("dp-lora", "distildp", "dp-opd")
+TEACHER_RUN_MODES = ("dp-lora", "distildp")  # runs whose DP teacher a dp-opd student may learn from
 WIRE_DTYPES = ("float32", "float16")
 PROMPT_SOURCES = ("control-codes", "bos")
 LABEL_SOURCES = ("dp-histogram", "public")
@@ -153,6 +154,76 @@ class DistillSettings:
             raise ConfigError("student is empty; use from-teacher, a tiny spec (tiny-gpt2, ...) or a model path")
 
 
+@dataclass
+class OPDSettings:
+    """DP-OPD: the sites train the student with DP-SGD on its own continuations of their private
+    prefixes, against a frozen teacher's token distributions (generalised JSD, GKD).
+
+    Per record: loss = (1 − w)·[λ·D_β(student rollout) + (1 − λ)·D_β(the record's own continuation)]
+    + w·CE(the record's own continuation), D_β the generalised JSD against the teacher over
+    continuation tokens only (λ = ``opd-lambda``, β = ``opd-beta``, w = ``opd-ce-weight``).
+    DistilDP's DPKD baseline (a DP-SGD student on the private records with (1−0.4)·CE + 0.4·KL
+    against a DP teacher) is ``opd-lambda = 0``, ``opd-beta = 0``, ``opd-ce-weight = 0.6``,
+    ``opd-prefix = 1`` (every target token counts) and ``opd-teacher`` = the DP teacher's run.
+    """
+
+    opd_teacher: str = "public"        # public (model-dir, no cost) | a finished dp-lora/distildp run directory
+    opd_prefix: float = 0.5            # < 1: share of each record's tokens kept as prefix; ≥ 1: that many tokens
+    opd_max_new_tokens: int = 32       # the student's continuation, at most
+    opd_temperature: float = 1.0       # the student's sampling temperature (the loss is at T = 1)
+    opd_beta: float = 0.0              # GJSD β: 0 forward KL(teacher‖student) (DP-OPD's best), 1 reverse KL
+    opd_lambda: float = 1.0            # on-policy share: 1 student rollouts only, 0 the record's own tokens (DPKD)
+    opd_ce_weight: float = 0.0         # w: weight of the CE on the record's own continuation
+
+    def validate(self) -> None:
+        for name in ("opd_beta", "opd_lambda", "opd_ce_weight"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if not (self.opd_prefix > 0 and math.isfinite(self.opd_prefix)) or \
+                (self.opd_prefix >= 1 and self.opd_prefix != int(self.opd_prefix)):
+            raise ConfigError(f"opd-prefix must be a share in (0, 1) or a whole token count ≥ 1, got {self.opd_prefix}")
+        if int(self.opd_max_new_tokens) < 1:
+            raise ConfigError(f"opd-max-new-tokens must be ≥ 1, got {self.opd_max_new_tokens}")
+        if not (self.opd_temperature > 0 and math.isfinite(self.opd_temperature)):
+            raise ConfigError(f"opd-temperature must be > 0, got {self.opd_temperature}")
+        if not self.opd_teacher.strip():
+            raise ConfigError("opd-teacher is empty; use public or the directory of a finished dp-lora/distildp run")
+
+    @property
+    def public_teacher(self) -> bool:
+        return self.opd_teacher.strip() == "public"
+
+    @property
+    def on_policy(self) -> bool:
+        """Whether the student samples continuations (λ > 0); λ = 0 needs no generation."""
+        return self.opd_lambda > 0 and self.opd_ce_weight < 1
+
+
+def teacher_run_settings(run_dir: str | Path) -> "RunSettings":
+    """The settings of a finished DP teacher run, refused (ConfigError, saying why) when a
+    dp-opd student could not learn from it without losing its guarantee."""
+    state_path = Path(run_dir) / "state.json"
+    if not state_path.is_file():
+        raise ConfigError(f"opd-teacher {run_dir}: no state.json there; use public or a finished dp-lora/distildp run")
+    import json
+
+    state = json.loads(state_path.read_text(encoding="utf-8"))
+    flat = state.get("settings", {})
+    if flat.get("mode") not in TEACHER_RUN_MODES:
+        raise ConfigError(f"opd-teacher {run_dir} is a {flat.get('mode')!r} run; the teacher must come from a "
+                          f"{' or '.join(TEACHER_RUN_MODES)} run")
+    if not flat.get("private", True):
+        raise ConfigError(
+            f"opd-teacher {run_dir} was trained on the sites' private data without DP (private = false): its outputs "
+            "on record i depend on every other private record outside any DP mechanism, so DP-SGD's per-record "
+            "sensitivity no longer bounds what the student learns from it; use a DP teacher run or public")
+    settings = RunSettings.from_flat({**flat, "run-dir": str(run_dir)})
+    if state.get("completed_round", 0) < settings.rounds or not state.get("adapter"):
+        raise ConfigError(f"opd-teacher {run_dir} finished {state.get('completed_round', 0)} of {settings.rounds} "
+                          "rounds; finish it (--resume) before a student learns from it")
+    return settings
+
+
 def unknown_key_message(key: str, known, what: str = "setting") -> str:
     close = difflib.get_close_matches(key.replace("_", "-"), [k.replace("_", "-") for k in known], n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}?" if close else "see simulations/configs/ and README for the known settings"
@@ -218,11 +289,13 @@ class RunSettings:
     dp: DPLoRAConfig = None  # type: ignore[assignment]             # the teacher rounds (dp-lora)
     synthesis: SynthesisSettings = None  # type: ignore[assignment]  # distildp: DP synthetic text
     distill: DistillSettings = None  # type: ignore[assignment]      # distildp: student KD
+    opd: OPDSettings = None  # type: ignore[assignment]              # dp-opd: on-policy student rounds
 
     def __post_init__(self):
         self.dp = self.dp or DPLoRAConfig()
         self.synthesis = self.synthesis or SynthesisSettings()
         self.distill = self.distill or DistillSettings()
+        self.opd = self.opd or OPDSettings()
 
     # ---------------------------------------------------------------------------- building
     @classmethod
@@ -246,6 +319,7 @@ class RunSettings:
         try:
             settings.synthesis = SynthesisSettings(**section_kwargs["synthesis"])
             settings.distill = DistillSettings(**section_kwargs["distill"])
+            settings.opd = OPDSettings(**section_kwargs["opd"])
         except TypeError as err:
             raise ConfigError(f"bad setting: {err}") from None
         settings.validate()
@@ -267,7 +341,7 @@ class RunSettings:
     def to_run_config(self) -> dict:
         """Flat scalar mapping for Flower's run config (None values are left out)."""
         flat = {k.replace("_", "-"): v for k, v in asdict(self).items() if k not in SECTIONS and v is not None}
-        sections = {**self.dp.to_dict(), **asdict(self.synthesis), **asdict(self.distill)}
+        sections = {**self.dp.to_dict(), **asdict(self.synthesis), **asdict(self.distill), **asdict(self.opd)}
         for key, value in sections.items():
             # None has no run-config form; "rounds" and "seed" are the run's own (dp.rounds copies it)
             if value is None or key.replace("_", "-") in flat:
@@ -285,6 +359,11 @@ class RunSettings:
                               + (f" (did you mean {close[0]!r}?)" if close else ""))
         self.synthesis.validate()
         self.distill.validate()
+        self.opd.validate()
+        if self.mode == "dp-opd" and not self.opd.public_teacher:
+            # absolute, so every process (Ray actors, a resumed server) reads the same run
+            self.opd.opd_teacher = str(Path(self.opd.opd_teacher).expanduser().resolve())
+            self.check_teacher_run(self.teacher_run())  # refuses a missing, unfinished or non-DP one, before any work
         if self.mode == "distildp" and self.synthesis.prompt_source == "control-codes" and not self.dp.label_field:
             raise ConfigError("prompt-source = control-codes needs label-field (the data field that holds each "
                               "record's label, e.g. label-field = \"label\"); or set prompt-source = bos")
@@ -361,8 +440,53 @@ class RunSettings:
 
     def site_budget(self) -> float:
         """A site's default lifetime ε budget: what this run plans to spend there. The parts'
-        sum bounds their composition from above, so the planned run always fits."""
-        return self.dp.epsilon + (self.synthesis.histogram_epsilon if self.uses_label_histogram else 0.0)
+        sum bounds their composition from above, so the planned run always fits. A dp-opd
+        student of a DP teacher adds its ε to the teacher run's budget (the same ledgers)."""
+        own = self.dp.epsilon + (self.synthesis.histogram_epsilon if self.uses_label_histogram else 0.0)
+        teacher = self.teacher_run()
+        return own + (teacher.site_budget() if teacher else 0.0)
+
+    # ---------------------------------------------------------------------------- dp-opd
+    def teacher_run(self) -> "RunSettings | None":
+        """dp-opd with a DP teacher: that run's settings (checked); None otherwise."""
+        if self.mode != "dp-opd" or self.opd.public_teacher:
+            return None
+        return teacher_run_settings(self.opd.opd_teacher)
+
+    def check_teacher_run(self, teacher: "RunSettings") -> None:
+        """The student charges the teacher's ledgers, and its adapter fits one base only."""
+        same = lambda a, b: bool(a) and bool(b) and Path(a).resolve() == Path(b).resolve()  # noqa: E731
+        if self.data_dir and not same(self.data_dir, teacher.data_dir):
+            raise ConfigError(f"opd-teacher {self.opd.opd_teacher} was trained on data-dir {teacher.data_dir}, not "
+                              f"{self.data_dir}; the student composes with the teacher in the same sites' ledgers")
+        if self.model_dir and not same(self.model_dir, teacher.model_dir):
+            raise ConfigError(f"opd-teacher {self.opd.opd_teacher} adapts model-dir {teacher.model_dir}, not "
+                              f"{self.model_dir}; set model-dir to the teacher run's base")
+        if teacher.dp.accountant != self.dp.accountant:
+            raise ConfigError(f"opd-teacher {self.opd.opd_teacher}'s ledgers use accountant {teacher.dp.accountant!r}; "
+                              f"set accountant = {teacher.dp.accountant!r} (a ledger's accountant never changes)")
+
+    def opd_teacher_model(self) -> tuple[str, Path | None]:
+        """dp-opd's frozen teacher as (base, DP adapter or None): the public base in model-dir,
+        or a DP teacher run's final adapter (merged onto its base: post-processing of its release)."""
+        teacher = self.teacher_run()
+        if teacher is None:
+            return self.model_dir, None
+        import json
+
+        state = json.loads((Path(teacher.run_dir) / "state.json").read_text(encoding="utf-8"))
+        return teacher.model_dir, Path(teacher.run_dir) / state["adapter"]
+
+    def ledger_dir(self) -> Path:
+        """Where the simulated sites' ledgers are: a dp-opd student of a DP teacher charges the
+        teacher run's ledgers, so each site's composed ε covers both."""
+        teacher = self.teacher_run()
+        return teacher.ledger_dir() if teacher else Path(self.run_dir) / "ledgers"
+
+    def rounds_model_dir(self) -> str:
+        """The base model whose LoRA adapters the federated rounds train: the student (dp-opd,
+        built once in RUN_DIR/student-base) or the shared teacher base."""
+        return str(Path(self.run_dir) / STUDENT_BASE_DIR) if self.mode == "dp-opd" else self.model_dir
 
     def public_file(self) -> Path:
         return Path(self.public_path) if self.public_path else Path(self.data_dir) / "public.jsonl"
@@ -392,7 +516,17 @@ class RunSettings:
                                   path, self.dp.label_field)
 
 
-SECTIONS = {"dp": DPLoRAConfig, "synthesis": SynthesisSettings, "distill": DistillSettings}
+SECTIONS = {"dp": DPLoRAConfig, "synthesis": SynthesisSettings, "distill": DistillSettings, "opd": OPDSettings}
+STUDENT_BASE_DIR = "student-base"  # dp-opd: the student before any private round (save_pretrained)
+
+
+def ledger_dir_of(run_dir: str | Path, flat: dict) -> Path:
+    """The ledger directory of a run from its recorded settings (``state["settings"]``), as
+    ``RunSettings.ledger_dir`` gives it: RUN_DIR/ledgers, or a dp-opd student's DP teacher run's."""
+    teacher = str(flat.get("opd-teacher", "public")).strip()
+    if flat.get("mode") == "dp-opd" and teacher != "public":
+        return Path(teacher) / "ledgers"
+    return Path(run_dir) / "ledgers"
 
 
 def flatten_tables(document: dict, source: str = "config") -> dict:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from common.atomic import atomic_write_bytes, atomic_write_json, json_safe
 from common.privacy.ledger import PrivacyLedger, ledger_paths
+from common.settings import ledger_dir_of
 
 STUDENT_DIR = "student"
 MECHANISM_NAMES = {"dp-sgd": "DP-SGD (Poisson-subsampled Gaussian)", "gaussian": "Gaussian mechanism",
@@ -28,11 +29,15 @@ def _finite(x):
 def privacy_summary(run_dir: Path, state: dict) -> dict:
     """What the released student inherits, rebuilt from the ledgers (never from the run state)."""
     settings = state["settings"]
+    teacher_run = _teacher_run_name(settings)
+    runs = {settings.get("name"): "teacher LoRA rounds" if settings.get("mode") != "dp-opd" else "student rounds (dp-opd)"}
+    if teacher_run:
+        runs[teacher_run] = f"DP teacher's LoRA rounds (run {teacher_run!r})"
     sites = []
-    for path in ledger_paths(run_dir / "ledgers"):
+    for path in ledger_paths(ledger_dir_of(run_dir, settings)):
         ledger = PrivacyLedger.load(path)
-        run_entries = [e for e in ledger.entries if e["run_id"] == settings.get("name")]
-        kinds = Counter(_mechanism_label(e) for e in run_entries)
+        run_entries = [e for e in ledger.entries if e["run_id"] in runs]
+        kinds = Counter(_mechanism_label(e, runs[e["run_id"]]) for e in run_entries)
         sites.append({"site": ledger.client_id, "epsilon": ledger.spent_epsilon(), "delta": ledger.delta,
                       "budget": ledger.epsilon_budget, "accountant": ledger.accountant,
                       "epsilon_by_accountant": ledger.epsilon_by_accountant(),
@@ -48,37 +53,60 @@ def privacy_summary(run_dir: Path, state: dict) -> dict:
         "private": private,
         "epsilon": max((s["epsilon"] for s in sites), default=0.0) if private else math.inf,
         "delta": max((s["delta"] for s in sites), default=None) if private else None,
-        "covers": ("record-level (ε, δ)-DP at each site, add/remove adjacency: the student is post-processing of "
-                   "the DP teacher (DP-SGD LoRA rounds) and of the DP label histogram; distillation on synthetic "
-                   "text touches no private record") if private else "nothing: trained without DP (a baseline)",
+        "covers": _covers(settings, teacher_run) if private else "nothing: trained without DP (a baseline)",
         "sites": sites,
         "user_level": user_level,
         "secure_aggregation": bool(settings.get("secure-aggregation")),
     }
 
 
-def _mechanism_label(entry: dict) -> str:
+def _mechanism_label(entry: dict, rounds: str = "teacher LoRA rounds") -> str:
     if entry["charge_id"].endswith("/label-histogram"):
         return "label histogram (Gaussian, once)"
     name = MECHANISM_NAMES.get(entry["mechanism"], entry["mechanism"])
-    return f"{name}: teacher LoRA rounds" if entry["mechanism"] == "dp-sgd" else name
+    return f"{name}: {rounds}" if entry["mechanism"] == "dp-sgd" else name
+
+
+def _teacher_run_name(settings: dict) -> str | None:
+    """dp-opd with a DP teacher: the name its ledger entries carry."""
+    teacher = str(settings.get("opd-teacher", "public")).strip()
+    if settings.get("mode") != "dp-opd" or teacher == "public":
+        return None
+    return json.loads((Path(teacher) / "state.json").read_text())["settings"].get("name")
+
+
+def _covers(settings: dict, teacher_run: str | None) -> str:
+    if settings.get("mode") != "dp-opd":
+        return ("record-level (ε, δ)-DP at each site, add/remove adjacency: the student is post-processing of "
+                "the DP teacher (DP-SGD LoRA rounds) and of the DP label histogram; distillation on synthetic "
+                "text touches no private record")
+    teacher = (f"the frozen teacher is run {teacher_run!r}'s DP release (post-processing), and its ε is composed "
+               "with the student's in each site's ledger" if teacher_run else
+               "the frozen teacher is the public base model, which saw no private record (no cost)")
+    return ("record-level (ε, δ)-DP at each site, add/remove adjacency: the student's LoRA is trained with DP-SGD "
+            "(per-record clipping of its whole loss on the record's prefix, its own continuation and the "
+            f"teacher's constant targets); {teacher}. A teacher trained on private data without DP is refused: its "
+            "outputs on one record depend on every other record outside any DP mechanism")
 
 
 def card_document(run_dir: Path, state: dict, audit: dict | None = None) -> dict:
     settings = state["settings"]
     phases = state.get("phases", {})
     evaluation = phases.get("student-evaluation", {})
-    distill = phases.get("distillation", {})
+    distill = phases.get("distillation") or phases.get("student-rounds", {})
     synthesis = phases.get("synthesis", {})
     keys = ("student", "kd-lambda", "kd-temperature", "kd-beta", "kd-top-k", "kd-kl-start", "distill-steps",
             "distill-batch-size", "distill-learning-rate", "synthetic-records", "prompt-source", "label-source",
             "histogram-epsilon", "gen-temperature", "gen-top-k", "gen-top-p", "gen-no-repeat-ngram", "epsilon",
-            "rounds", "local-steps", "batch-size", "learning-rate", "lora-r", "accountant")
+            "rounds", "local-steps", "batch-size", "learning-rate", "lora-r", "accountant", "opd-teacher",
+            "opd-prefix", "opd-max-new-tokens", "opd-temperature", "opd-beta", "opd-lambda", "opd-ce-weight")
+    if settings.get("mode") == "dp-opd":  # distildp's synthesis and KD settings do not apply
+        keys = ("student",) + keys[keys.index("epsilon"):]
     return {
         "format": "privdistill-privacy", "version": 1, "model": "student", "method": settings.get("mode"),
         "run": settings.get("name"),
         "privacy": privacy_summary(run_dir, state),
-        "data": {"sites": len(ledger_paths(run_dir / "ledgers")),
+        "data": {"sites": len(ledger_paths(ledger_dir_of(run_dir, settings))),
                  "synthetic_records": distill.get("synthetic_records"),
                  "note": "private record counts and label counts are not published"},
         "models": {"student_parameters": distill.get("student_parameters"),
@@ -100,7 +128,7 @@ def model_card(doc: dict) -> str:
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
              "tags: [differential-privacy, knowledge-distillation, federated-learning, privdistill]", "---", "",
              f"# privdistill student ({doc['method']}, run `{doc['run']}`)", "",
-             f"A compact causal LM distilled from a federated DP teacher. **Privacy: (ε = {eps}, δ = {delta})** — "
+             f"A compact causal LM distilled {'on-policy from a frozen teacher' if doc['method'] == 'dp-opd' else 'from a federated DP teacher'}. **Privacy: (ε = {eps}, δ = {delta})** — "
              f"{p['covers']}.", "",
              "## Privacy", "", "| site | ε | δ | mechanisms on its data |", "|---|---|---|---|"]
     for site in p["sites"]:
@@ -124,9 +152,7 @@ def model_card(doc: dict) -> str:
               f"{_fmt(t.get('public_perplexity'))} |",
               f"| student | {doc['models']['student_parameters']:,} | {_fmt(s.get('heldout_perplexity'))} | "
               f"{_fmt(s.get('public_perplexity'))} |", "",
-              "## Method", "", "DistilDP: the sites fine-tune LoRA adapters of a shared teacher with DP-SGD (Flower "
-              "FedAvg); the server samples synthetic text from the DP teacher (control codes drawn by a DP label "
-              "histogram) and distils it into this student with (1−λ)·CE + λ·T²·KL + β·MSE(W·h_s, h_t).", "",
+              "## Method", "", METHODS.get(doc["method"], METHODS["distildp"]), "",
               "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in doc["settings"].items()]
     if doc.get("audit"):
@@ -137,6 +163,20 @@ def model_card(doc: dict) -> str:
                          f"{_fmt(row['exposure_16'])} |")
     lines += ["", "Load it with `AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)`.", ""]
     return "\n".join(lines)
+
+
+METHODS = {
+    "distildp": "DistilDP: the sites fine-tune LoRA adapters of a shared teacher with DP-SGD (Flower FedAvg); the "
+                "server samples synthetic text from the DP teacher (control codes drawn by a DP label histogram) and "
+                "distils it into this student with (1−λ)·CE + λ·T²·KL + β·MSE(W·h_s, h_t).",
+    "dp-opd": "DP-OPD: the sites train this student's LoRA with DP-SGD (Flower FedAvg): per private record the "
+              "student continues the record's prefix, a frozen teacher scores prefix + continuation, and the loss "
+              "is the generalised JSD (β = opd-beta) over the continuation tokens only, mixed with the same "
+              "divergence (1 − opd-lambda) and CE (opd-ce-weight) on the record's own continuation. The teacher is "
+              "the public base (no privacy cost) or a DP teacher run's release, whose ε is composed in the same "
+              "ledgers; a teacher trained without DP is refused, since its outputs on one record depend on the "
+              "other private records outside any DP mechanism.",
+}
 
 
 def audit_summary(report: dict) -> dict:
@@ -173,13 +213,12 @@ def write_cards(run_dir: Path, audit: dict | None = None) -> Path:
 
 
 def run(phase) -> dict:
-    from server.student_evaluation import load_student
-
-    out = phase.run.path / STUDENT_DIR
-    student = load_student(phase)
-    student.save_pretrained(out)
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(phase.run.path / phase.summary_of("distillation")["student"]).save_pretrained(out)
+    from server.student_evaluation import load_student, student_dir
+
+    out = phase.run.path / STUDENT_DIR
+    load_student(phase).save_pretrained(out)  # distildp's distilled model; dp-opd's base + adapter, merged
+    AutoTokenizer.from_pretrained(student_dir(phase)).save_pretrained(out)
     write_cards(phase.run.path)
     return {"directory": STUDENT_DIR}

@@ -355,11 +355,12 @@ def heldout_of(replies: list[Message]) -> dict | None:
 
 
 def initial_adapter(settings: RunSettings):
-    """The round-0 adapter: peft's initialisation (B = 0) under the run's seed."""
+    """The round-0 adapter: peft's initialisation (B = 0) under the run's seed, on the rounds'
+    base (the teacher base, or dp-opd's student)."""
     from common.models.build import adapter_state
     from common.models.loading import load_lora_model
 
-    model, _ = load_lora_model(settings.model_dir, settings.dp)
+    model, _ = load_lora_model(settings.rounds_model_dir(), settings.dp)
     return adapter_state(model)
 
 

@@ -1,5 +1,9 @@
 """Phase `student-evaluation`: the student and the teacher scored on the same data.
 
+"The run's student" (``load_student``, ``student_dir``) is the distilled model (distildp) or
+the student base with the rounds' final LoRA adapter merged (dp-opd); "the run's teacher" is
+the DP teacher (distildp) or dp-opd's frozen teacher (the public base or a DP teacher run's).
+
 Held-out perplexity comes from the sites (`evaluate.student` messages carry the student's
 config and weights; each site scores it on its held-out split and replies with the loss and
 record count; the mean is weighted by records). The teacher's held-out figure is its last
@@ -12,6 +16,7 @@ import json
 import math
 import random
 from logging import INFO, WARNING
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
@@ -20,15 +25,44 @@ from transformers import AutoModelForCausalLM
 from common.data.control import load_model_texts
 from common.models.lm import encode_texts, perplexity
 from common.models.loading import load_teacher, student_arrays
+from common.settings import STUDENT_BASE_DIR
 from common.wire import to_array_record
+from server.checkpoint import RunDirectory
 from server.server_app import short_reason
 
 PUBLIC_EVAL_RECORDS = 500  # enough for a stable figure, cheap on CPU
 
 
+def student_dir(phase) -> Path:
+    """The directory the run's student (or, dp-opd, its base) and its tokenizer were saved to."""
+    if phase.settings.mode == "dp-opd":
+        return phase.run.path / STUDENT_BASE_DIR
+    return phase.run.path / phase.summary_of("distillation")["student"]
+
+
 def load_student(phase):
-    path = phase.run.path / phase.summary_of("distillation")["student"]
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    if phase.settings.mode == "dp-opd":  # base + the final federated adapter, merged: one plain model
+        student, _ = load_teacher(student_dir(phase), phase.settings.dp, phase.run.path / phase.state()["adapter"])
+        return student.cpu().eval()
+    return AutoModelForCausalLM.from_pretrained(student_dir(phase), local_files_only=True).eval()
+
+
+def load_run_teacher(phase):
+    """(teacher, tokenizer, its held-out perplexity at the sites or None)."""
+    settings, state = phase.settings, phase.state()
+    if settings.mode == "dp-opd":
+        teacher_dir, teacher_adapter = settings.opd_teacher_model()
+        teacher, tokenizer = load_teacher(teacher_dir, settings.dp, teacher_adapter)
+        run = settings.teacher_run()
+        last = _last_figure(RunDirectory(run.run_dir).load_state()) if run else None
+        return teacher, tokenizer, last
+    teacher, tokenizer = load_teacher(settings.model_dir, settings.dp, phase.run.path / state["adapter"])
+    return teacher, tokenizer, _last_figure(state)
+
+
+def _last_figure(state: dict) -> float | None:
+    last = state["rounds"][-1]["evaluate"] if state["rounds"] else state["baseline"]
+    return last["perplexity"] if last else None
 
 
 def federated_perplexity(phase, student) -> dict:
@@ -68,15 +102,17 @@ def public_perplexity(settings, models: dict, tokenizer) -> dict:
 
 def run(phase) -> dict:
     settings = phase.settings
-    state = phase.state()
     student = load_student(phase)
     held_out = federated_perplexity(phase, student)
-    teacher, tokenizer = load_teacher(settings.model_dir, settings.dp, phase.run.path / state["adapter"])
+    teacher, tokenizer, teacher_heldout = load_run_teacher(phase)
     public = public_perplexity(settings, {"teacher": teacher, "student": student.to(teacher.device)}, tokenizer)
-    last = state["rounds"][-1]["evaluate"] if state["rounds"] else state["baseline"]
-    summary = {"student": {"heldout_perplexity": held_out["perplexity"], "public_perplexity": public.get("student"),
+    summary = {"heldout_perplexity": held_out["perplexity"],  # the student's, record-weighted over the sites
+               "student": {"heldout_perplexity": held_out["perplexity"], "public_perplexity": public.get("student"),
                            "sites": held_out["sites"], "records": held_out["records"]},
-               "teacher": {"heldout_perplexity": last["perplexity"], "public_perplexity": public.get("teacher")}}
-    log(INFO, "student held-out perplexity %.3f (teacher %.3f) | public %.3f (teacher %.3f)",
-        held_out["perplexity"], last["perplexity"], public.get("student", math.nan), public.get("teacher", math.nan))
+               "teacher": {"heldout_perplexity": teacher_heldout, "public_perplexity": public.get("teacher")}}
+    if settings.mode == "dp-opd":  # the round-0 model is the untrained student (LoRA B = 0)
+        summary["student"]["untrained_heldout_perplexity"] = (phase.state()["baseline"] or {}).get("perplexity")
+    log(INFO, "student held-out perplexity %.3f (teacher %s) | public %.3f (teacher %.3f)",
+        held_out["perplexity"], "–" if teacher_heldout is None else f"{teacher_heldout:.3f}",
+        public.get("student", math.nan), public.get("teacher", math.nan))
     return summary

@@ -15,7 +15,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from client.wire_log import wire_capture_mod
 from common.cli import main
-from common.data.loading import load_records
 from common.models.lm import encode_texts, perplexity
 from common.models.loading import build_student, load_teacher
 from common.privacy.ledger import PrivacyLedger, ledger_paths
@@ -24,7 +23,7 @@ from server.checkpoint import RunDirectory
 from server.pipeline import PIPELINES
 from simulations.run import prepare_run, simulate
 from tests.conftest import fed_overrides
-from tests.wirecheck import find_leaks
+from tests.wirecheck import run_leaks
 
 CONFIG = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "distildp.toml"
 
@@ -119,15 +118,7 @@ def test_exported_student_loads_generates_and_states_its_guarantee(distildp_run)
 
 def test_nothing_private_leaves_a_site_or_is_exported(distildp_run):
     root, run_dir = distildp_run["root"], distildp_run["run"]
-    corpus = root / "corpus"
-    texts = [r.text for i in range(3) for split in ("train", "heldout")
-             for r in load_records(corpus / f"client_{i}" / f"{split}.jsonl")]
-    canaries = [c["text"] for c in json.loads((corpus / "canaries.json").read_text())["canaries"]]
-    tokenizer = AutoTokenizer.from_pretrained(root / "teacher")
-    payloads = {p.name: p.read_bytes() for p in sorted(distildp_run["wire"].glob("*.bin"))}
-    assert payloads and find_leaks(payloads, texts + canaries, tokenizer) == []
-    exported = {p.name: p.read_bytes() for p in (run_dir / "student").iterdir() if p.suffix in (".json", ".md")}
-    assert find_leaks(exported, texts + canaries, tokenizer) == []
+    assert run_leaks(root / "corpus", root / "teacher", distildp_run["wire"], run_dir / "student") == []
     histogram = json.loads((run_dir / "ledgers" / "client_0.releases" / "kd-label-histogram.json").read_text())
     card = (run_dir / "student" / "privacy.json").read_text() + (run_dir / "student" / "README.md").read_text()
     assert not any(f"{c:.3f}" in card for c in histogram["counts"])  # no label count is published

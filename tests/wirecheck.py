@@ -35,3 +35,25 @@ def find_leaks(payloads: dict[str, bytes], texts: list[str], tokenizer, window: 
                     if tuple(int(v) for v in values[pos:pos + window]) in id_windows:
                         leaks.append(f"{name}: 8-token id window as {np.dtype(dtype).name} at {pos}")
     return leaks
+
+
+def run_leaks(corpus, tokenizer_dir, wire_dir, export_dir, clients: int = 3) -> list[str]:
+    """Leaks of any site's record (train or held-out) or canary in the captured site messages
+    (``wire_dir/*.bin``) and in the exported student's JSON and Markdown files."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from common.data.loading import load_records
+
+    corpus, export_dir = Path(corpus), Path(export_dir)
+    texts = [r.text for i in range(clients) for split in ("train", "heldout")
+             for r in load_records(corpus / f"client_{i}" / f"{split}.jsonl")]
+    texts += [c["text"] for c in json.loads((corpus / "canaries.json").read_text())["canaries"]]
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    payloads = {p.name: p.read_bytes() for p in sorted(Path(wire_dir).glob("*.bin"))}
+    if not payloads:
+        return [f"no captured messages in {wire_dir}"]
+    exported = {p.name: p.read_bytes() for p in export_dir.iterdir() if p.suffix in (".json", ".md")}
+    return find_leaks(payloads, texts, tokenizer) + find_leaks(exported, texts, tokenizer)

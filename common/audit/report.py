@@ -108,6 +108,7 @@ def write_report(report: dict, run_dir: Path) -> None:
 def write_privacy_card(run_dir: Path) -> Path:
     """privacy_card.md: what the run guarantees (from the ledgers), what it protects, the audit."""
     from common.privacy.ledger import PrivacyLedger, ledger_paths
+    from common.settings import ledger_dir_of
 
     run_dir = Path(run_dir)
     state = json.loads((run_dir / "state.json").read_text())
@@ -119,11 +120,13 @@ def write_privacy_card(run_dir: Path) -> Path:
         lines += ["**Guarantee:** record-level (ε, δ)-DP per site, from DP-SGD on the LoRA adapters "
                   "(opacus, Poisson sampling, per-record clipping)"
                   + (" and one DP label histogram (Gaussian)" if settings.get("mode") == "distildp" else "")
+                  + (" of the student (dp-opd), composed with its DP teacher's charges when it has one"
+                     if settings.get("mode") == "dp-opd" else "")
                   + ", composed over every round by each site's ledger accountant "
                   f"({settings.get('accountant', 'rdp').upper()}). It protects each single record of a site's "
                   "private text; it does not hide a site's participation.", "",
                   "| site | ε spent | δ | budget ε | charges |", "|---|---|---|---|---|"]
-        for path in ledger_paths(run_dir / "ledgers"):
+        for path in ledger_paths(ledger_dir_of(run_dir, settings)):
             ledger = PrivacyLedger.load(path)
             lines.append(f"| {ledger.client_id} | {ledger.spent_epsilon():.3f} | {ledger.delta:.1e} | "
                          f"{ledger.epsilon_budget:g} | {len(ledger.entries)} |")

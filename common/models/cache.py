@@ -86,6 +86,7 @@ stats = {"built": 0, "reused": 0, "evicted": 0}  # for tests and benchmarks
 def clear() -> None:
     with _lock:
         _entries.clear()
+        _teachers.clear()
 
 
 def cached_entries() -> int:
@@ -219,3 +220,47 @@ def _difference(before: dict, after: dict) -> str | None:
                 return f"{key} differ at {sorted(names)[:3]}"
             return f"{key} differ"
     return None
+
+
+# ---------------------------------------------------------------------------- frozen teachers
+# dp-opd's teacher is the largest model in the loop and is only ever read (inference mode, no
+# LoRA, no opacus): one copy per process, keyed like the LoRA entries plus the DP adapter
+# merged into it. Its weights' in-place version counters are checked on every fetch, so a
+# teacher something wrote to is never served again.
+_teachers: "OrderedDict[tuple, tuple]" = OrderedDict()
+MAX_TEACHERS = 1
+
+
+def _file_key(path) -> tuple | None:
+    if path is None:
+        return None
+    st = Path(path).stat()
+    return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _versions(model) -> tuple:
+    return tuple(p._version for p in model.parameters())
+
+
+def frozen_teacher(model_dir, cfg, adapter_path=None):
+    """``(teacher, tokenizer)`` as ``load_teacher(model_dir, cfg, adapter_path)`` returns them,
+    every parameter frozen; loaded once per process while the files are unchanged."""
+    from common.models.loading import load_teacher
+
+    key = (model_key(model_dir), _file_key(adapter_path), str(pick_device(cfg.device)[0]))
+    with _lock:
+        hit = _teachers.get(key) if enabled() else None
+        if hit is not None and _versions(hit[0]) == hit[2]:
+            stats["reused"] += 1
+            return hit[0], hit[1]
+    rng = torch.get_rng_state()  # a cold load seeds the LoRA init; the caller's RNG is left as it was
+    teacher, tokenizer = load_teacher(model_dir, cfg, adapter_path)
+    torch.set_rng_state(rng)
+    teacher.requires_grad_(False)
+    stats["built"] += 1
+    if enabled():
+        with _lock:
+            _teachers[key] = (teacher, tokenizer, _versions(teacher))
+            while len(_teachers) > MAX_TEACHERS:
+                _teachers.popitem(last=False)
+    return teacher, tokenizer

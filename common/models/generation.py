@@ -214,6 +214,21 @@ class HFGenerator:
                            "seconds": seconds, "tokens_per_second": new_tokens / seconds if seconds > 0 else 0.0}
         return results  # type: ignore[return-value]
 
+    def continue_ids(self, prefixes: list[list[int]], settings: SamplingSettings, seed: int
+                     ) -> list[tuple[list[int], bool]]:
+        """Continuations of token-id prefixes (dp-opd's student rollouts): per prefix, the new
+        ids up to and including the first EOS, and whether EOS came; batches of
+        ``settings.batch_size``, seeded like ``generate``."""
+        settings.validate()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return [row for b, lo in enumerate(range(0, len(prefixes), settings.batch_size))
+                    for row in self._generate_batch(prefixes[lo: lo + settings.batch_size], settings,
+                                                    derive_seed(seed, b))]
+        finally:
+            self.model.train(was_training)
+
     def _generation_config(self, settings: SamplingSettings):
         from transformers import GenerationConfig
 

@@ -213,8 +213,14 @@ class PrivacyLedger:
         epsilon_budget: float,
         delta: float,
         accountant: str | None = None,
+        grow_budget: bool = False,
     ) -> "PrivacyLedger":
         """Resume the ledger at ``path``, or create it (atomically, under the lock) if absent.
+
+        ``grow_budget``: an existing ledger whose budget is below ``epsilon_budget`` has it
+        raised to it (never lowered; every recorded entry still counts). For a run planned on
+        top of the ones recorded, e.g. a dp-opd student of a DP teacher: the site's lifetime
+        budget becomes the teacher's plus the student's, and the teacher's charges count once.
 
         An existing ledger must match ``client_id``, ``epsilon_budget``, ``delta`` and, when
         given, ``accountant`` exactly; the file's values are never silently overridden.
@@ -243,6 +249,13 @@ class PrivacyLedger:
                     return ledger
 
         ledger = cls.load(path)
+        if grow_budget and ledger.epsilon_budget < float(epsilon_budget):
+            ledger._read_only = False
+            with ledger._exclusive():
+                ledger._reload_locked()
+                if ledger.epsilon_budget < float(epsilon_budget):
+                    ledger.epsilon_budget = float(epsilon_budget)
+                    ledger._commit(ledger._entries, ledger._charges, ledger._spent_now())
         mismatches = [
             ("client_id", ledger.client_id, client_id),
             ("accountant", ledger.accountant, accountant if accountant is not None else ledger.accountant),
