@@ -48,6 +48,7 @@ METHODS = {
     "dp-opd": ("opd", "student"),
 }
 FIXED_EPSILON = {"nonprivate-kd": math.inf}
+TEACHER_RUN = "<the cell's own teacher run>"  # dpkd: filled in once that run has finished
 NEEDS_MODE = {"dpkd": "dp-opd", "dp-opd": "dp-opd"}  # methods that need a pipeline mode to exist
 
 
@@ -158,6 +159,7 @@ def load_comparison(path: str | Path, overrides: dict | None = None) -> Comparis
         else:
             run_values[key] = value
     compare = CompareSettings(**compare_values)
+    compare.out_dir = str(Path(compare.out_dir).resolve())  # runs record absolute paths: any later cwd finds them
     if "epsilons" in compare_values and not isinstance(compare.epsilons, list):
         compare.epsilons = [compare.epsilons]
     compare.validate()
@@ -165,7 +167,9 @@ def load_comparison(path: str | Path, overrides: dict | None = None) -> Comparis
     check_methods_available(comparison)
     for cell in compare.cells():  # every cell's settings parse (unknown keys, bad values) before any run
         for values in cell_runs(comparison, cell, Path("/nonexistent")):
-            RunSettings.from_flat(values)
+            # the dpkd student's teacher run does not exist yet: its own settings are checked here
+            RunSettings.from_flat({**values, "opd-teacher": "public"} if values.get("opd-teacher") == TEACHER_RUN
+                                  else values)
     check_data(comparison)
     return comparison
 
@@ -199,8 +203,10 @@ def cell_runs(comparison: Comparison, cell: Cell, bases: Path) -> list[dict]:
     if kind == "dpkd":  # the DistilDP paper's DPKD: ε/2 for the teacher, ε/2 for the student's DP-SGD KD
         half = _eps_values(cell.epsilon / 2)
         teacher = {**shared, "name": f"{name}-teacher", "mode": "dp-lora", "model-dir": teacher_dir, **half}
+        # dp-opd's off-policy settings are DPKD's loss: 0.6·CE + 0.4·KL(teacher‖student) on every record token
         student = {**shared, "name": name, "mode": "dp-opd", "model-dir": teacher_dir, "student": student_dir,
-                   "opd-teacher": "TEACHER_RUN", "opd-on-policy": 0.0, **half}
+                   "opd-teacher": TEACHER_RUN, "opd-lambda": 0.0, "opd-beta": 0.0, "opd-ce-weight": 0.6,
+                   "opd-prefix": 1, **half}
         return [teacher, student]
     if kind == "opd":
         return [{**shared, "name": name, "mode": "dp-opd", "model-dir": teacher_dir, "student": student_dir,
@@ -295,9 +301,8 @@ def run_cell(comparison: Comparison, cell: Cell, bases: Path, console=None) -> d
     started = time.monotonic()
     run_dirs = []
     for values in cell_runs(comparison, cell, bases):
-        if values.get("opd-teacher") == "TEACHER_RUN":
-            values["opd-teacher"] = str(run_dirs[-1])
-            values["ledger-dir"] = str(run_dirs[-1] / "ledgers")  # the student's charges compose with the teacher's
+        if values.get("opd-teacher") == TEACHER_RUN:  # its charges compose with the teacher's in the same ledgers
+            values["opd-teacher"] = str(run_dirs[-1].resolve())
         run_dirs.append(_run_pipeline(comparison, cell, values, bases, console))
     figures = compare_cells.figures(cell, run_dirs[-1], comparison, bases)
     figures.update({"method": cell.method, "epsilon_target": cell.epsilon, "seed": cell.seed,

@@ -63,8 +63,8 @@ def ledger_epsilon(run_dir: Path, settings: RunSettings) -> tuple[float, float |
     """The largest site's composed ε (every charge on its ledger) and its δ; ∞ without DP."""
     if not settings.dp.private:
         return math.inf, None
-    ledgers = [PrivacyLedger.load(p) for p in ledger_paths(Path(settings.run_dir) / "ledgers")] or \
-        [PrivacyLedger.load(p) for p in ledger_paths(run_dir / "ledgers")]
+    # a dpkd student charges its teacher run's ledgers: the composed ε there covers both
+    ledgers = [PrivacyLedger.load(p) for p in ledger_paths(settings.ledger_dir())]
     if not ledgers:
         return math.nan, None
     return max(l.spent_epsilon() for l in ledgers), max(l.delta for l in ledgers)

@@ -48,7 +48,8 @@ def comparison(fed_root, tmp_path_factory):
            "dpsgd_state": (out / "runs" / "dpsgd_eps8_seed0" / "state.json").read_text(),
            "kd_charges": _charges(out / "runs" / "kd_eps8_seed0"),
            "kd_checkpoint": json.loads((out / "runs" / "kd_eps8_seed0" / "distill" / "checkpoint.json").read_text())}
-    resumed = load_comparison(CONFIG, tiny(fed_root, out, methods=["dp-sgd-student", "distildp", "synthetic-hard"]))
+    resumed = load_comparison(CONFIG, tiny(fed_root, out, methods=["dp-sgd-student", "distildp", "synthetic-hard",
+                                                                   "dpkd"]))
     document = run_comparison(resumed)
     return {"out": out, "cut": cut, "document": document}
 
@@ -57,7 +58,7 @@ def test_every_cell_has_finite_figures_and_the_ledgers_epsilon(comparison):
     out = comparison["out"]
     saved = json.loads((out / "compare.json").read_text())
     cells = {c["method"]: c for c in saved["cells"]}
-    assert set(cells) == {"dp-sgd-student", "distildp", "synthetic-hard"}
+    assert set(cells) == {"dp-sgd-student", "distildp", "synthetic-hard", "dpkd"}
     for method, cell in cells.items():
         for key in ("heldout_perplexity", "public_perplexity", "mia_auc_loss", "mia_auc_min_k", "exposure_16",
                     "wall_seconds"):
@@ -135,3 +136,16 @@ def test_a_comparison_refuses_other_settings_but_may_grow(comparison, fed_root):
     grown = load_comparison(CONFIG, tiny(fed_root, out, methods=["distildp"]))
     from simulations.compare import check_same_settings
     check_same_settings(grown)  # fewer or more cells with the same settings: accepted
+
+
+def test_the_dpkd_row_composes_a_teacher_and_a_student_charge_within_the_target(comparison):
+    runs = comparison["out"] / "runs"
+    cell = json.loads((comparison["out"] / "cells" / "dpkd_eps8_seed0.json").read_text())
+    teacher_run = runs / "dpkd_eps8_seed0-teacher"
+    for path in ledger_paths(teacher_run / "ledgers"):  # the student charged the teacher run's ledgers
+        ledger = PrivacyLedger.load(path)
+        assert [e["charge_id"] for e in ledger.entries] == ["dpkd_eps8_seed0-teacher/round-1", "dpkd_eps8_seed0/round-1"]
+        assert ledger.spent_epsilon() <= 8.0 + 1e-9
+    assert cell["epsilon"] == pytest.approx(max(PrivacyLedger.load(p).spent_epsilon()
+                                                for p in ledger_paths(teacher_run / "ledgers")))
+    assert 4.0 < cell["epsilon"] <= 8.0
