@@ -178,6 +178,9 @@ class PDSSSettings:
     student_training: str = "dp-sgd"       # dp-sgd (the update leaves: FedAvg) | local-only (nothing leaves)
     rationale_weight: float = 0.5          # α in L = (1 − α)·L_answer + α·L_rationale
     student_eval_max_new_tokens: int = 6
+    # Simulation only: the student's public base model (model-dir), warmed on the public split.
+    student_spec: str = "tiny-gpt2"
+    student_warmup_steps: int = 100
 
     def validate(self) -> None:
         from common.privacy.exponential import CANDIDATES, UTILITIES, check_epsilon

@@ -26,6 +26,7 @@ from server.checkpoint import RunDirectory
 PIPELINES: dict[str, tuple[str, ...]] = {
     "dp-lora": ("teacher-rounds",),
     "distildp": ("teacher-rounds", "label-histogram", "synthesis", "distillation", "student-evaluation", "export"),
+    "pdss": ("pdss-prompts", "pdss-rationales", "pdss-students", "pdss-evaluation", "pdss-export"),
 }
 
 

@@ -21,11 +21,12 @@ from common.models.tokenizer import train_tokenizer
 
 def warmup_teacher(public_texts: list[str], out_dir: str | Path, spec: str = "tiny-gpt2", steps: int = 200,
                    batch_size: int = 16, learning_rate: float = 2e-3, max_length: int = 128,
-                   vocab_size: int = 2048, seed: int = 0, progress: bool = True) -> dict:
-    """Train a tokenizer and a tiny base model on public text; save both to ``out_dir``."""
+                   vocab_size: int = 2048, seed: int = 0, progress: bool = True, tokenizer=None) -> dict:
+    """Train a tokenizer (unless one is given: e.g. a student sharing its teacher's) and a tiny
+    base model on public text; save both to ``out_dir``."""
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    tokenizer = train_tokenizer(public_texts, vocab_size=vocab_size)
+    tokenizer = tokenizer or train_tokenizer(public_texts, vocab_size=vocab_size)
     model = build_model(spec, tokenizer, max_positions=max(256, max_length), seed=seed)
     data = encode_texts(public_texts, tokenizer, max_length)
     n_eval = max(1, len(data) // 10)  # a slice of the public split to report progress on
