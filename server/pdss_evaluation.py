@@ -6,14 +6,14 @@ student travels as its LoRA adapter; with `local-only` each site scores the mode
 
 from __future__ import annotations
 
-from logging import INFO, WARNING
+from logging import INFO
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord
 from flwr.common.logger import log
 
 from common.errors import RoundFailed
 from common.wire import to_array_record
-from server.server_app import short_reason
+from server.pdss_prompts import ask_every_site
 
 
 def run(phase) -> dict:
@@ -23,15 +23,9 @@ def run(phase) -> dict:
     content = {"config": ConfigRecord({"local-only": local_only, "run-name": settings.name})}
     if not local_only:
         content["arrays"] = to_array_record(run.load_adapter(students["adapter"]), settings.wire_dtype)
-    messages = [Message(content=RecordDict(content), dst_node_id=node, message_type="evaluate.pdss_student")
-                for node in sorted(phase.grid.get_node_ids())]
-    replies = list(phase.grid.send_and_receive(messages, timeout=settings.round_timeout))
-    per_site, failed = {}, []
+    replies, failed = ask_every_site(phase, "evaluate.pdss_student", content)
+    per_site = {}
     for reply in replies:
-        if reply.has_error():
-            failed.append(short_reason(reply.error.reason))
-            log(WARNING, "node %s: evaluation failed: %s", reply.metadata.src_node_id, failed[-1])
-            continue
         metrics = reply.content["metrics"]
         per_site[reply.content["client"]["client-id"]] = {"accuracy": float(metrics["accuracy"]),
                                                           "records": int(metrics["num-examples"])}

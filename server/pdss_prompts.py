@@ -20,21 +20,28 @@ from server.server_app import short_reason, wait_for_nodes
 PROMPTS_FILE = "pdss/prompts.json"
 
 
+def ask_every_site(phase, message_type: str, content: dict) -> tuple[list[Message], list[str]]:
+    """One ``message_type`` message to every connected site: (the replies without error, the errors)."""
+    messages = [Message(content=RecordDict(content), dst_node_id=node, message_type=message_type)
+                for node in sorted(phase.grid.get_node_ids())]
+    answered, failed = [], []
+    for reply in phase.grid.send_and_receive(messages, timeout=phase.settings.round_timeout):
+        if reply.has_error():
+            failed.append(short_reason(reply.error.reason))
+            log(WARNING, "node %s: %s failed: %s", reply.metadata.src_node_id, message_type, failed[-1])
+        else:
+            answered.append(reply)
+    return answered, failed
+
+
 def run(phase) -> dict:
     settings = phase.settings
     if not phase.run.exists():  # the first phase of the pipeline opens the run's state
         phase.run.commit(phase.run.new_state(settings.to_run_config()))
     wait_for_nodes(phase.grid, settings.clients, timeout=settings.round_timeout)
-    config = ConfigRecord({"run-name": settings.name})
-    messages = [Message(content=RecordDict({"config": config}), dst_node_id=node, message_type="query.pdss_prompts")
-                for node in sorted(phase.grid.get_node_ids())]
-    replies = list(phase.grid.send_and_receive(messages, timeout=settings.round_timeout))
-    sites, refused, failed, epsilon = {}, [], [], {}
+    replies, failed = ask_every_site(phase, "query.pdss_prompts", {"config": ConfigRecord({"run-name": settings.name})})
+    sites, refused, epsilon = {}, [], {}
     for reply in replies:
-        if reply.has_error():
-            failed.append(short_reason(reply.error.reason))
-            log(WARNING, "node %s: prompts failed: %s", reply.metadata.src_node_id, failed[-1])
-            continue
         client = reply.content["client"]
         if client["refusal"]:
             refused.append({"client": client["client-id"], "reason": client["refusal"]})

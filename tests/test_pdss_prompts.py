@@ -7,35 +7,25 @@ import math
 
 import pytest
 
-from client.dp_lora import Site
 from client.pdss import build_mechanism, cache_path, release_prompts, site_ledger
-from common.data.arithmetic import generate_task
 from common.errors import ConfigError
-from common.models.warmup import warmup_teacher
 from common.privacy.ledger import DPSGDCharge, PrivacyLedger
 from common.settings import RunSettings
+from tests.helpers import pdss_settings, pdss_site, pdss_task
 
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pdss_prompts")
-    generate_task(root / "task", n_clients=1, seed=3, public_records=200, train_per_client=12,
-                  heldout_per_client=4, canaries_per_client=2)
-    public = [json.loads(line) for line in (root / "task" / "public.jsonl").read_text().splitlines()]
-    texts = [f"Question: {r['question']}\nRationale: {r['rationale']}\nAnswer: {r['answer']}" for r in public]
-    warmup_teacher(texts, root / "base", spec="tiny-gpt2", steps=10, progress=False)
-    return root
+    return pdss_task(tmp_path_factory.mktemp("pdss_prompts"), seed=3, public_records=200, train_per_client=12,
+                     canaries=2)
 
 
 def settings_for(task, **changes) -> RunSettings:
-    return RunSettings.from_flat({"mode": "pdss", "clients": 1, "min-clients": 1, "data-dir": str(task / "task"),
-                                  "model-dir": str(task / "base"), "token-epsilon": 2.0, **changes})
+    return pdss_settings(task, **{"token-epsilon": 2.0, **changes})
 
 
-def site_for(task, tmp_path, budget: float = 200.0) -> Site:
-    train = task / "task" / "client_0" / "train.jsonl"
-    return Site("client_0", train, train.with_name("heldout.jsonl"), tmp_path / "ledgers" / "client_0.json",
-                budget, task / "base")
+def site_for(task, tmp_path, budget: float = 200.0):
+    return pdss_site(task, tmp_path / "ledgers" / "client_0.json", budget)
 
 
 def test_charged_once_per_record_and_reused(task, tmp_path):

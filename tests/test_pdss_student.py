@@ -9,40 +9,29 @@ import numpy as np
 import pytest
 import torch
 
-from client.dp_lora import Site
 from client.pdss import release_prompts
 from client.pdss_student import kept_model_path, multitask_rows, record_loss, train_round
-from common.data.arithmetic import generate_task
 from common.models.loading import load_lora_model
-from common.models.warmup import warmup_teacher
 from common.privacy.dp_sgd import DPSGDPlan, make_private, sample_rate_for
 from common.privacy.ledger import PrivacyLedger
 from common.settings import RunSettings
 from server.server_app import initial_adapter
+from tests.helpers import pdss_settings, pdss_site, pdss_task
 
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pdss_student")
-    generate_task(root / "task", n_clients=1, seed=4, public_records=120, train_per_client=16,
-                  heldout_per_client=4, canaries_per_client=1)
-    public = [json.loads(line) for line in (root / "task" / "public.jsonl").read_text().splitlines()]
-    texts = [f"predict: {r['question']}\n{r['answer']}" for r in public]
-    warmup_teacher(texts, root / "base", spec="tiny-gpt2", steps=10, progress=False)
-    return root
+    return pdss_task(tmp_path_factory.mktemp("pdss_student"), seed=4, public_records=120, train_per_client=16,
+                     canaries=1)
 
 
 def settings_for(task, **changes) -> RunSettings:
-    return RunSettings.from_flat({"mode": "pdss", "clients": 1, "min-clients": 1, "rounds": 2,
-                                  "data-dir": str(task / "task"), "model-dir": str(task / "base"),
-                                  "token-epsilon": 1.0, "local-steps": 2, "batch-size": 8, "max-length": 48,
-                                  **changes})
+    return pdss_settings(task, **{"rounds": 2, "token-epsilon": 1.0, "local-steps": 2, "batch-size": 8,
+                                  "max-length": 48, **changes})
 
 
-def site_for(task, tmp_path, budget: float = 100.0) -> Site:
-    train = task / "task" / "client_0" / "train.jsonl"
-    return Site("client_0", train, train.with_name("heldout.jsonl"), tmp_path / "client_0.json", budget,
-                task / "base")
+def site_for(task, tmp_path, budget: float = 100.0):
+    return pdss_site(task, tmp_path / "client_0.json", budget)
 
 
 def rationales_for(task) -> list[str]:
