@@ -54,29 +54,38 @@ def pdss_metrics(settings) -> dict:
     truth = json.loads((data_dir / "canaries.json").read_text()) if (data_dir / "canaries.json").exists() else None
     generator = load_teacher_generator(settings)
     prefix = few_shot_prefix(public_records(settings), p.teacher_few_shot, settings.seed)
-    raw_ok = perturbed_ok = total = survived = private = canaries_read = 0
+    raw_ok = perturbed_ok = total = 0
+    leaks = [0, 0, 0]  # private tokens surviving, private tokens, canaries read back
     for client, site in sorted(seen.items()):
         records = load_task(data_dir / client / "train.jsonl", p.question_field, p.answer_field, p.rationale_field)
         raw = write_rationales(generator, [r.question for r in records], prefix, p.teacher_max_new_tokens,
                                p.teacher_batch_size)
-        for r, a, b in zip(records, raw, written[client]):
-            raw_ok += normalise_answer(a.answer) == normalise_answer(r.answer)
-            perturbed_ok += normalise_answer(b["answer"]) == normalise_answer(r.answer)
+        raw_ok += correct(records, [a.answer for a in raw])
+        perturbed_ok += correct(records, [b["answer"] for b in written[client]])
         total += len(records)
         if truth is not None:
-            tokens = truth["private_tokens"][f"{client}/train"]
-            for words, prompt in zip(tokens, site["prompts"]):
-                left = re.findall(r"\w+", prompt)  # a private token survives if it is still a word there
-                survived += sum(1 for w in words if w in left)
-                private += len(words)
-            for canary in truth["canaries"]:
-                if f"client_{canary['client']}" == client:
-                    canaries_read += canary["secret"] in site["prompts"][canary["record"]]
+            leaks = [a + b for a, b in zip(leaks, leakage_counts(truth, client, site["prompts"]))]
     metrics = {"teacher_accuracy_raw": raw_ok / total, "teacher_accuracy_perturbed": perturbed_ok / total,
-               "prompts": total, "leakage": survived / private if private else None,
-               "canaries": len(truth["canaries"]) if truth else 0, "canaries_read_back": canaries_read}
+               "prompts": total, "leakage": leaks[0] / leaks[1] if leaks[1] else None,
+               "canaries": len(truth["canaries"]) if truth else 0, "canaries_read_back": leaks[2]}
     (run_dir / "pdss" / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def correct(records, answers: list[str]) -> int:
+    return sum(normalise_answer(a) == normalise_answer(r.answer) for r, a in zip(records, answers))
+
+
+def leakage_counts(truth: dict, client: str, prompts: list[str]) -> tuple[int, int, int]:
+    """(private tokens still present in the prompts the server saw, private tokens, canary PINs read
+    back whole). A private token survives if it is still a word of its perturbed prompt."""
+    survived = private = 0
+    for words, prompt in zip(truth["private_tokens"][f"{client}/train"], prompts):
+        left = set(re.findall(r"\w+", prompt))
+        survived += sum(w in left for w in words)
+        private += len(words)
+    read = sum(c["secret"] in prompts[c["record"]] for c in truth["canaries"] if f"client_{c['client']}" == client)
+    return survived, private, read
 
 
 def pdss_report(state: dict, settings, console) -> None:

@@ -49,7 +49,7 @@ def make_problem(rng: random.Random) -> dict:
         value = x * y
     question = template.format(a_name=a_name, b_name=b_name, item=item, x=x, y=y, pron=PRONOUN[b_name])
     return {"question": question, "rationale": f"{x} {op} {y} = {value}", "answer": str(value),
-            "private_tokens": [a_name, b_name, str(x), str(y)]}
+            "private_tokens": [a_name, *([b_name] if "{b_name}" in template else []), str(x), str(y)]}
 
 
 def add_pin(problem: dict, rng: random.Random) -> str:
