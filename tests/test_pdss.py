@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.common.serde import message_from_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -43,8 +45,20 @@ def pdss_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("pdss")
     generate_task(base / "task", n_clients=2, seed=5, public_records=160, train_per_client=24,
                   heldout_per_client=8, canaries_per_client=2)
-    settings = prepare_run(RunSettings.from_toml(CONFIG, pdss_overrides(base / "task")), base / "run", False)
-    state = simulate(settings, client_mods=(wire_capture_mod(base / "wire"),))
+    # One torch thread here and in the Ray actors (they read the environment when they start): tiny
+    # models gain nothing from a second one, and on a busy 2-core machine OpenMP's spinning costs ~3x.
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        settings = prepare_run(RunSettings.from_toml(CONFIG, pdss_overrides(base / "task")), base / "run", False)
+        state = simulate(settings, client_mods=(wire_capture_mod(base / "wire"),))
+    finally:
+        torch.set_num_threads(threads)
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
     return {"run": base / "run", "wire": base / "wire", "state": state, "data": base / "task",
             "settings": settings}
 
@@ -162,8 +176,6 @@ def test_empty_or_unparseable_generations_are_returned_as_such_and_skipped():
 
 
 def test_multitask_loss_is_the_weighted_sum_of_the_two_task_losses(pdss_run):
-    import torch
-
     tokenizer = AutoTokenizer.from_pretrained(pdss_run["settings"].model_dir)
     model = AutoModelForCausalLM.from_pretrained(pdss_run["settings"].model_dir).eval()
     q, a, why = "Mia has 3 pens. Omar gives her 4 more. How many pens does Mia have now?", "7", "3 + 4 = 7"
