@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from client.pdss import release_prompts
-from client.pdss_student import kept_model_path, multitask_rows, record_loss, train_round
+from client.pdss_student import heldout_accuracy, kept_model_path, multitask_rows, record_loss, train_round
 from common.models.loading import load_lora_model
 from common.privacy.dp_sgd import DPSGDPlan, make_private, sample_rate_for
 from common.privacy.ledger import PrivacyLedger
@@ -89,6 +89,8 @@ def test_local_only_keeps_the_model_at_the_site_and_charges_no_dp_sgd(task, tmp_
                                             initial_adapter(settings))
     assert refusal == "" and adapter == {} and metrics["local-only"] == 1 and kept_model_path(site).is_file()
     assert [e["mechanism"] for e in PrivacyLedger.load(site.ledger_path).entries] == ["pure-epsilon"]
+    accuracy, n = heldout_accuracy(site, settings, None)  # the site scores the model it kept
+    assert 0.0 <= accuracy <= 1.0 and n == 4
 
 
 def test_a_round_the_budget_cannot_pay_is_refused_before_training(task, tmp_path):
