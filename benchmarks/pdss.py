@@ -30,7 +30,7 @@ from pathlib import Path
 from client.pdss import build_mechanism, site_records
 from common.privacy.accounting import PURE_EPSILON, epsilon_of_events, subsampled_gaussian
 from common.privacy.dp_sgd import plan_dp_sgd
-from common.settings import RunSettings
+from common.settings import MAX_PROMPT_EPSILON, RunSettings
 from server.pdss_rationales import load_teacher_generator, public_records
 from server.rationales import few_shot_prefix, write_rationales
 from simulations.pdss import correct, leakage_counts
@@ -71,13 +71,30 @@ def row_for(settings, epsilon: float, generator, prefix: str, truth: dict) -> di
             "teacher_accuracy": ok / total}
 
 
-def student_accuracy(run: Path, epsilon: float) -> float:
+def student_accuracy(run: Path, label: str, **changes) -> float:
+    """Held-out accuracy of a federated student trained by a fresh pdss run on ``run``'s task and models."""
     from simulations.run import prepare_run, simulate
 
     state = json.loads((run / "state.json").read_text())
-    overrides = {**state["settings"], "token-epsilon": epsilon, "name": f"bench-eps-{epsilon:g}"}
-    settings = prepare_run(RunSettings.from_flat(overrides), run.parent / f"{run.name}-eps-{epsilon:g}", False)
+    overrides = {**state["settings"], **changes, "name": f"bench-{label}"}
+    settings = prepare_run(RunSettings.from_flat(overrides), run.parent / f"{run.name}-{label}", False)
     return simulate(settings)["phases"]["pdss-evaluation"]["accuracy"]
+
+
+def public_only_accuracy(settings) -> float:
+    """The student's base before any private training (public warm-up only): the floor."""
+    from client.dp_lora import Site
+    from client.pdss_student import heldout_accuracy
+    from server.server_app import initial_adapter
+
+    adapter, correct_, total = initial_adapter(settings), 0.0, 0
+    for i in range(settings.clients):
+        d = Path(settings.data_dir) / f"client_{i}"
+        site = Site(f"client_{i}", d / "train.jsonl", d / "heldout.jsonl", d / "unused.json", 1.0,
+                    Path(settings.model_dir))
+        accuracy, n = heldout_accuracy(site, settings, adapter)
+        correct_, total = correct_ + accuracy * n, total + n
+    return correct_ / total
 
 
 def main() -> None:
@@ -99,9 +116,15 @@ def main() -> None:
         r = row_for(settings, epsilon, generator, prefix, truth)
         cells = [f"{r['epsilon_token']:g}", f"{r['typical_record_epsilon']:g}", f"{r['charged_record_epsilon']:g}",
                  f"{r['with_dp_sgd']:.2f}", f"{r['leakage']:.3f}", r["canaries_read"], f"{r['teacher_accuracy']:.3f}"]
-        if args.students:
-            cells.append(f"{student_accuracy(args.run, epsilon):.3f}")
+        if args.students:  # the prompt budget must cover the charged per-record ε, or the sites refuse
+            cap = min(MAX_PROMPT_EPSILON, max(64.0, r["charged_record_epsilon"]))
+            cells.append(f"{student_accuracy(args.run, f'eps-{epsilon:g}', **{'token-epsilon': epsilon, 'prompt-epsilon': cap}):.3f}")
         print("| " + " | ".join(cells) + f" |  ({time.perf_counter() - started:.1f}s)")
+    print(f"public-only student base (no private training): accuracy {public_only_accuracy(settings):.3f}")
+    if args.students:
+        answer_only = student_accuracy(args.run, "answer-only", **{"rationale-weight": 0.0})
+        print(f"answer-only student (rationale-weight 0, ε_token {settings.pdss.token_epsilon:g}): "
+              f"accuracy {answer_only:.3f}")
 
 
 if __name__ == "__main__":
