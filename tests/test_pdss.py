@@ -201,3 +201,36 @@ def test_multitask_loss_is_the_weighted_sum_of_the_two_task_losses(pdss_run):
         logits = model(input_ids=torch.tensor([context + goal])).logits[0, len(context) - 1:-1]
         explain = torch.nn.functional.cross_entropy(logits, torch.tensor(goal)).item()
     assert got == pytest.approx((1 - alpha) * predict + alpha * explain, rel=1e-5)
+
+
+def test_a_resumed_run_reuses_prompts_and_replays_rounds_without_new_charges(pdss_run, tmp_path):
+    """Rewound to after round 1 of the students with every phase to redo: the prompts come from the
+    sites' caches, round 2 is re-sent from the release it kept, and no ledger gains an entry."""
+    import shutil
+
+    from server.checkpoint import RunDirectory
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(pdss_run["run"], run_dir)
+    run = RunDirectory(run_dir)
+    state = run.load_state()
+    state["phases"] = {}
+    state["pdss"] = {**state["pdss"], "completed_round": 1, "adapter": "adapters/round_1.safetensors",
+                     "rounds": state["pdss"]["rounds"][:1]}
+    run.commit(state)
+    before = {p.name: PrivacyLedger.load(p).entries for p in ledger_paths(run_dir / "ledgers")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        settings = prepare_run(RunSettings.from_flat({**pdss_run["settings"].to_run_config(),
+                                                      "run-dir": str(run_dir)}), run_dir, True)
+        state = simulate(settings)
+    finally:
+        torch.set_num_threads(threads)
+    assert {p.name: PrivacyLedger.load(p).entries for p in ledger_paths(run_dir / "ledgers")} == before
+    original = pdss_run["run"]
+    prompts = lambda d: {c: s["prompts"] for c, s in json.loads((d / "pdss" / "prompts.json").read_text())["sites"].items()}  # noqa: E731
+    assert prompts(run_dir) == prompts(original)  # the same perturbed prompts (node ids are per simulation)
+    assert state["phases"]["pdss-evaluation"]["accuracy"] == pdss_run["state"]["phases"]["pdss-evaluation"]["accuracy"]
+    assert (run_dir / "adapters" / "round_2.safetensors").read_bytes() == \
+        (original / "adapters" / "round_2.safetensors").read_bytes()
