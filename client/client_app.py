@@ -15,6 +15,11 @@ evaluate.student: (distildp, dp-opd) the run's student in → its held-out perpl
 In mode dp-opd the train route runs ``client/dp_opd.py`` instead: the round's adapter is the
 student's LoRA (its base, RUN_DIR/student-base, is built once by the server), trained with
 DP-SGD on the student's own continuations of private prefixes against a frozen teacher.
+query.pdss_prompts: (pdss) the site's questions, perturbed by the token-level exponential
+          mechanism and charged once per record (client/pdss.py) → the perturbed strings out.
+train.pdss: (pdss) the student adapter + the teacher's rationales for this site's prompts in →
+          one round of the step-by-step student (DP-SGD, or local-only) → adapter + metrics out.
+evaluate.pdss_student: (pdss) the student in → its held-out answer accuracy out.
 
 The site's paths, id and budget come from Flower's node config, so the same app runs at a
 real site (`flower-supernode --node-config ...`) and in the Simulation Engine (where each
@@ -31,7 +36,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client import dp_lora, dp_opd, secagg
+from client import dp_lora, dp_opd, pdss, pdss_student, secagg
 from client.label_histogram import release_histogram
 from common.models.loading import student_from_arrays
 from common.settings import RunSettings
@@ -105,6 +110,40 @@ def build_client_app(overrides: dict | None = None, mods: tuple = ()) -> ClientA
         ppl, n = dp_lora.heldout_perplexity(site.model_dir, site.heldout_path, settings.dp, model=student)
         metrics = MetricRecord({"num-examples": n, "eval-loss": math.log(ppl), "perplexity": ppl})
         content = RecordDict({"metrics": metrics, "client": ConfigRecord({"client-id": site.client_id})})
+        return Message(content=content, reply_to=msg)
+
+    @app.query("pdss_prompts")
+    def pdss_prompts(msg: Message, context: Context) -> Message:
+        settings = _settings(context, overrides)
+        site = site_from_context(context, settings)
+        prompts, counts, refusal = pdss.release_prompts(site, settings, str(msg.content["config"]["run-name"]))
+        content = RecordDict({"prompts": ConfigRecord({"prompts": prompts}), "metrics": MetricRecord(counts),
+                              "client": ConfigRecord({"client-id": site.client_id, "refusal": refusal})})
+        return Message(content=content, reply_to=msg)
+
+    @app.train("pdss")
+    def pdss_train(msg: Message, context: Context) -> Message:
+        settings = _settings(context, overrides)
+        site = site_from_context(context, settings)
+        config = msg.content["config"]
+        adapter, metrics, refusal = pdss_student.train_round(
+            site, settings, str(config["run-name"]), int(config["server-round"]),
+            [str(r) for r in config["rationales"]], from_array_record(msg.content["arrays"]))
+        content = RecordDict({"metrics": MetricRecord({**metrics, "refused": int(bool(refusal))}),
+                              "client": ConfigRecord({"client-id": site.client_id, "refusal": refusal})})
+        if adapter:  # local-only sites send no model
+            content["arrays"] = to_array_record(adapter, settings.wire_dtype)
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate("pdss_student")
+    def pdss_evaluate(msg: Message, context: Context) -> Message:
+        settings = _settings(context, overrides)
+        site = site_from_context(context, settings)
+        local = bool(msg.content["config"]["local-only"])
+        adapter = None if local else from_array_record(msg.content["arrays"])
+        accuracy, n = pdss_student.heldout_accuracy(site, settings, adapter)
+        content = RecordDict({"metrics": MetricRecord({"accuracy": accuracy, "num-examples": n}),
+                              "client": ConfigRecord({"client-id": site.client_id})})
         return Message(content=content, reply_to=msg)
 
     return app

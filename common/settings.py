@@ -19,8 +19,11 @@ from common.data.control import check_label_field
 from common.errors import ConfigError
 from common.privacy.accounting import DEFAULT_ACCOUNTANT
 
-MODES = ("dp-lora", "distildp", "dp-opd")
+MODES = ("dp-lora", "distildp", "dp-opd", "pdss")
 TEACHER_RUN_MODES = ("dp-lora", "distildp")  # runs whose DP teacher a dp-opd student may learn from
+STUDENT_TRAINING = ("dp-sgd", "local-only")
+OUTPUT_SETS = ("public-tokens", "vocabulary")
+MAX_PROMPT_EPSILON = 500.0
 WIRE_DTYPES = ("float32", "float16")
 PROMPT_SOURCES = ("control-codes", "bos")
 LABEL_SOURCES = ("dp-histogram", "public")
@@ -224,6 +227,67 @@ def teacher_run_settings(run_dir: str | Path) -> "RunSettings":
     return settings
 
 
+@dataclass
+class PDSSSettings:
+    """pdss: perturbed prompts → the server teacher's rationales → step-by-step students, federated."""
+
+    question_field: str = "question"
+    answer_field: str = "answer"
+    rationale_field: str = "rationale"     # public split only: few-shot examples and the teacher's warm-up
+    token_epsilon: float = 4.0             # ε per perturbed token (exponential mechanism); inf: sent unperturbed
+    prompt_epsilon: float = 64.0           # the most one record's prompt may cost (part of the site's budget)
+    perturb_utility: str = "euclidean"     # euclidean (clipped distance) | cosine
+    perturb_distance_clip: float = 0.0     # euclidean: Δu; 0: median pairwise distance of the output set
+    perturb_output_set: str = "public-tokens"  # public-tokens (of the public split's questions) | vocabulary
+    perturb_candidates: str = "all"        # all (ε-DP) | knn (the public code's; weaker guarantee, stated)
+    perturb_knn: int = 0
+    perturb_allow_list: str = "default"    # comma-separated template words that pass through; default: the task's
+    teacher_dir: str = ""                  # the server's teacher (save_pretrained dir); "": model-dir
+    teacher_few_shot: int = 1              # public examples before each prompt
+    teacher_max_new_tokens: int = 24
+    teacher_batch_size: int = 32
+    student_training: str = "dp-sgd"       # dp-sgd (the update leaves: FedAvg) | local-only (nothing leaves)
+    rationale_weight: float = 0.5          # α in L = (1 − α)·L_answer + α·L_rationale
+    student_eval_max_new_tokens: int = 6
+    # Simulation only: the student's public base model (model-dir), warmed on the public split.
+    student_spec: str = "tiny-gpt2"
+    student_warmup_steps: int = 100
+
+    def validate(self) -> None:
+        from common.privacy.exponential import CANDIDATES, UTILITIES, check_epsilon
+
+        check_epsilon(self.token_epsilon)
+        if not (0 < self.prompt_epsilon <= MAX_PROMPT_EPSILON):
+            raise ConfigError(f"prompt-epsilon must be in (0, {MAX_PROMPT_EPSILON:g}], got {self.prompt_epsilon} "
+                              "(a larger per-record ε is no guarantee, and overflows the PLD accountant)")
+        for name, value, allowed in (("perturb-utility", self.perturb_utility, UTILITIES),
+                                     ("perturb-candidates", self.perturb_candidates, CANDIDATES),
+                                     ("perturb-output-set", self.perturb_output_set, OUTPUT_SETS),
+                                     ("student-training", self.student_training, STUDENT_TRAINING)):
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if not 0 <= self.rationale_weight <= 1:
+            raise ConfigError(f"rationale-weight must be in [0, 1], got {self.rationale_weight}")
+        if self.teacher_few_shot < 0:
+            raise ConfigError(f"teacher-few-shot must be ≥ 0, got {self.teacher_few_shot}")
+        for name in ("teacher_max_new_tokens", "teacher_batch_size", "student_eval_max_new_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
+        if not self.question_field or not self.answer_field:
+            raise ConfigError("question-field and answer-field must name the task data's fields")
+
+    def allow_words(self) -> list[str]:
+        if self.perturb_allow_list.strip() == "default":
+            from common.data.arithmetic import TEMPLATE_WORDS
+
+            return list(TEMPLATE_WORDS)
+        return [w.strip() for w in self.perturb_allow_list.split(",") if w.strip()]
+
+    @property
+    def perturbs(self) -> bool:
+        return math.isfinite(self.token_epsilon)
+
+
 def unknown_key_message(key: str, known, what: str = "setting") -> str:
     close = difflib.get_close_matches(key.replace("_", "-"), [k.replace("_", "-") for k in known], n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}?" if close else "see simulations/configs/ and README for the known settings"
@@ -290,12 +354,14 @@ class RunSettings:
     synthesis: SynthesisSettings = None  # type: ignore[assignment]  # distildp: DP synthetic text
     distill: DistillSettings = None  # type: ignore[assignment]      # distildp: student KD
     opd: OPDSettings = None  # type: ignore[assignment]              # dp-opd: on-policy student rounds
+    pdss: PDSSSettings = None  # type: ignore[assignment]            # pdss: prompts, rationales, students
 
     def __post_init__(self):
         self.dp = self.dp or DPLoRAConfig()
         self.synthesis = self.synthesis or SynthesisSettings()
         self.distill = self.distill or DistillSettings()
         self.opd = self.opd or OPDSettings()
+        self.pdss = self.pdss or PDSSSettings()
 
     # ---------------------------------------------------------------------------- building
     @classmethod
@@ -320,6 +386,7 @@ class RunSettings:
             settings.synthesis = SynthesisSettings(**section_kwargs["synthesis"])
             settings.distill = DistillSettings(**section_kwargs["distill"])
             settings.opd = OPDSettings(**section_kwargs["opd"])
+            settings.pdss = PDSSSettings(**section_kwargs["pdss"])
         except TypeError as err:
             raise ConfigError(f"bad setting: {err}") from None
         settings.validate()
@@ -341,7 +408,8 @@ class RunSettings:
     def to_run_config(self) -> dict:
         """Flat scalar mapping for Flower's run config (None values are left out)."""
         flat = {k.replace("_", "-"): v for k, v in asdict(self).items() if k not in SECTIONS and v is not None}
-        sections = {**self.dp.to_dict(), **asdict(self.synthesis), **asdict(self.distill), **asdict(self.opd)}
+        sections = {**self.dp.to_dict(), **asdict(self.synthesis), **asdict(self.distill), **asdict(self.opd),
+                    **asdict(self.pdss)}
         for key, value in sections.items():
             # None has no run-config form; "rounds" and "seed" are the run's own (dp.rounds copies it)
             if value is None or key.replace("_", "-") in flat:
@@ -364,6 +432,7 @@ class RunSettings:
             # absolute, so every process (Ray actors, a resumed server) reads the same run
             self.opd.opd_teacher = str(Path(self.opd.opd_teacher).expanduser().resolve())
             self.check_teacher_run(self.teacher_run())  # refuses a missing, unfinished or non-DP one, before any work
+        self.pdss.validate()
         if self.mode == "distildp" and self.synthesis.prompt_source == "control-codes" and not self.dp.label_field:
             raise ConfigError("prompt-source = control-codes needs label-field (the data field that holds each "
                               "record's label, e.g. label-field = \"label\"); or set prompt-source = bos")
@@ -442,6 +511,9 @@ class RunSettings:
         """A site's default lifetime ε budget: what this run plans to spend there. The parts'
         sum bounds their composition from above, so the planned run always fits. A dp-opd
         student of a DP teacher adds its ε to the teacher run's budget (the same ledgers)."""
+        if self.mode == "pdss":
+            student = self.dp.epsilon if self.pdss.student_training == "dp-sgd" else 0.0
+            return student + (self.pdss.prompt_epsilon if self.pdss.perturbs else 0.0) or self.dp.epsilon
         own = self.dp.epsilon + (self.synthesis.histogram_epsilon if self.uses_label_histogram else 0.0)
         teacher = self.teacher_run()
         return own + (teacher.site_budget() if teacher else 0.0)
@@ -516,7 +588,8 @@ class RunSettings:
                                   path, self.dp.label_field)
 
 
-SECTIONS = {"dp": DPLoRAConfig, "synthesis": SynthesisSettings, "distill": DistillSettings, "opd": OPDSettings}
+SECTIONS = {"dp": DPLoRAConfig, "synthesis": SynthesisSettings, "distill": DistillSettings, "opd": OPDSettings,
+            "pdss": PDSSSettings}
 STUDENT_BASE_DIR = "student-base"  # dp-opd: the student before any private round (save_pretrained)
 
 

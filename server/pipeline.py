@@ -27,6 +27,7 @@ PIPELINES: dict[str, tuple[str, ...]] = {
     "dp-lora": ("teacher-rounds",),
     "distildp": ("teacher-rounds", "label-histogram", "synthesis", "distillation", "student-evaluation", "export"),
     "dp-opd": ("student-rounds", "student-evaluation", "export"),
+    "pdss": ("pdss-prompts", "pdss-rationales", "pdss-students", "pdss-evaluation", "pdss-export"),
 }
 
 

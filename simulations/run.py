@@ -20,6 +20,10 @@ def prepare_run(settings: RunSettings, run_dir: Path, resume: bool) -> RunSettin
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
     if not settings.data_dir:
         settings.data_dir = str(run_dir / "corpus")
+    if settings.mode == "pdss":
+        from simulations.pdss import prepare_pdss
+
+        prepare_pdss(settings, run_dir)
     if not settings.model_dir:
         settings.model_dir = str(run_dir / "teacher")
     data_dir, model_dir = Path(settings.data_dir), Path(settings.model_dir)
@@ -69,6 +73,15 @@ def simulate(settings: RunSettings, client_mods: tuple = ()) -> dict:
     }
     run_simulation(server_app=build_server_app(run_config), client_app=build_client_app(run_config, client_mods),
                    num_supernodes=settings.clients, backend_config=backend_config)
+    if settings.mode == "pdss":  # its card (student/README.md) states both mechanisms; then the research metrics
+        from simulations.pdss import pdss_metrics
+
+        run = RunDirectory(settings.run_dir)
+        state = run.load_state()
+        if state.get("phases", {}).get("pdss-students", {}).get("complete"):
+            state["metrics"] = pdss_metrics(settings)
+            run.commit(state)
+        return state
     from common.audit.report import write_privacy_card
 
     write_privacy_card(Path(settings.run_dir))
@@ -100,6 +113,11 @@ def report(state: dict, settings: RunSettings, console) -> None:
     from rich.table import Table
 
     from common.privacy.ledger import PrivacyLedger, ledger_paths
+
+    if settings.mode == "pdss":
+        from simulations.pdss import pdss_report
+
+        return pdss_report(state, settings, console)
 
     table = Table(title=f"{settings.name}: {settings.clients} clients × {settings.rounds} rounds, "
                         f"DP-LoRA at ε={settings.dp.epsilon} ({settings.run_dir})")

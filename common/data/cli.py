@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from common.data.generate import generate_corpus, plant_canaries
-from common.data.loading import load_records, summarize
+from common.data.loading import Record, load_records, summarize
+from common.data.task import load_task
 from common.errors import DataError
 
 data_app = typer.Typer(help="Load, check and generate private text data.", no_args_is_help=True)
@@ -46,10 +47,16 @@ def check(
     txt_mode: TxtMode = typer.Option(TxtMode.line, help="Plain text: one record per line, or per blank-line-separated block."),
     tokenizer: Path | None = typer.Option(None, help="Directory of a Hugging Face tokenizer for token counts (default: words)."),
     max_record_bytes: int = typer.Option(100_000, help="Reject records larger than this many bytes."),
+    answer_field: str = typer.Option("", help="Task data (pdss): the answer field; every record then needs "
+                                              "--field (its question) and this one, both non-empty."),
 ) -> None:
     """Load a data file, report every problem as one line, and print a summary."""
-    records = load_records(path, fmt=fmt.value if fmt else None, field=field, label_field=label_field or None,
-                           txt_mode=txt_mode.value, max_record_bytes=max_record_bytes)
+    if answer_field:
+        tasks = load_task(path, question_field=field, answer_field=answer_field, fmt=fmt.value if fmt else None)
+        records = [Record(t.question, None) for t in tasks]
+    else:
+        records = load_records(path, fmt=fmt.value if fmt else None, field=field, label_field=label_field or None,
+                               txt_mode=txt_mode.value, max_record_bytes=max_record_bytes)
     summary = summarize(records, _load_tokenizer(tokenizer) if tokenizer else None)
     unit = "tokens" if tokenizer else "words"
     table = Table(title=f"{path}: OK", show_header=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,9 +111,27 @@ def _read_text(path: Path, max_file_bytes: int) -> str:
             f"{path}: line {line}: byte 0x{raw[offset]:02x} at byte offset {offset} is not valid UTF-8; "
             "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
         ) from None
+    _refuse_binary(path, raw, bom)
     if not text.strip():
         raise DataError(f"{path}: file contains only whitespace; write at least one record into it")
     return text
+
+
+# C0 control bytes that no text record holds (tab, newline, CR, VT, FF and ESC are allowed).
+# Valid UTF-8 never uses these bytes inside a multi-byte character, so a byte search is exact.
+_BINARY_BYTES = re.compile(rb"[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f]")
+
+
+def _refuse_binary(path: Path, raw: bytes, start: int) -> None:
+    """A file with NUL or other binary control bytes is not a text file: refuse it, whatever its
+    suffix (strict UTF-8 accepts NUL, and a record would carry it on to the tokenizer)."""
+    found = _BINARY_BYTES.search(raw, start)
+    if found:
+        offset = found.start()
+        line = raw.count(b"\n", 0, offset) + 1
+        kind = "a NUL byte" if raw[offset] == 0 else f"control byte 0x{raw[offset]:02x}"
+        raise DataError(f"{path}: line {line}: {kind} at byte offset {offset}; this is a binary file, "
+                        "not text: export the data as plain UTF-8 JSONL, CSV or text")
 
 
 def _infer_format(path: Path) -> str:

@@ -299,3 +299,10 @@ def _whole(x, name: str, minimum: int, hint: str = "") -> None:
     if isinstance(x, bool) or not isinstance(x, Integral) or x < minimum:
         raise GenerationError(f"{name}={x!r} is invalid: it must be a whole number ≥ {minimum}"
                               + (f" {hint}" if hint else ""))
+
+
+def greedy_settings(max_new_tokens: int, batch_size: int = 32) -> SamplingSettings:
+    """Greedy decoding through the sampling interface: top-k 1 keeps only the most likely token
+    (the pdss teacher's rationales and the students' answers are scored, not sampled)."""
+    return SamplingSettings(max_new_tokens=max_new_tokens, temperature=1.0, top_k=1, top_p=1.0,
+                            no_repeat_ngram_size=0, batch_size=batch_size)

@@ -1,0 +1,62 @@
+"""Phase `pdss-prompts`: each site sends its perturbed prompts (`query.pdss_prompts`), once.
+
+A site perturbs every question with the token-level exponential mechanism and pays for it in
+its ledger before replying (client/pdss.py); the reply holds only the perturbed strings and
+counts. The server keeps what it saw in RUN_DIR/pdss/prompts.json (the rationale phase reads it,
+and the simulation's leakage metric measures it), keyed by site, with the node that sent them.
+"""
+
+from __future__ import annotations
+
+from logging import INFO, WARNING
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.logger import log
+
+from common.atomic import atomic_write_json
+from common.errors import RoundFailed
+from server.server_app import short_reason, wait_for_nodes
+
+PROMPTS_FILE = "pdss/prompts.json"
+
+
+def ask_every_site(phase, message_type: str, content: dict) -> tuple[list[Message], list[str]]:
+    """One ``message_type`` message to every connected site: (the replies without error, the errors)."""
+    messages = [Message(content=RecordDict(content), dst_node_id=node, message_type=message_type)
+                for node in sorted(phase.grid.get_node_ids())]
+    answered, failed = [], []
+    for reply in phase.grid.send_and_receive(messages, timeout=phase.settings.round_timeout):
+        if reply.has_error():
+            failed.append(short_reason(reply.error.reason))
+            log(WARNING, "node %s: %s failed: %s", reply.metadata.src_node_id, message_type, failed[-1])
+        else:
+            answered.append(reply)
+    return answered, failed
+
+
+def run(phase) -> dict:
+    settings = phase.settings
+    if not phase.run.exists():  # the first phase of the pipeline opens the run's state
+        phase.run.commit(phase.run.new_state(settings.to_run_config()))
+    wait_for_nodes(phase.grid, settings.clients, timeout=settings.round_timeout)
+    replies, failed = ask_every_site(phase, "query.pdss_prompts", {"config": ConfigRecord({"run-name": settings.name})})
+    sites, refused, epsilon = {}, [], {}
+    for reply in replies:
+        client = reply.content["client"]
+        if client["refusal"]:
+            refused.append({"client": client["client-id"], "reason": client["refusal"]})
+            log(WARNING, "%s refused to send prompts: %s", client["client-id"], client["refusal"])
+            continue
+        counts = reply.content["metrics"]
+        sites[client["client-id"]] = {"node": reply.metadata.src_node_id,
+                                      "prompts": [str(p) for p in reply.content["prompts"]["prompts"]]}
+        epsilon[client["client-id"]] = float(counts["epsilon-per-record"])
+    if len(sites) < settings.min_clients:
+        raise RoundFailed(f"pdss prompts: {len(sites)} sites answered, need {settings.min_clients} "
+                          f"(refused {len(refused)}, failed {len(failed)}): {refused[:1] or failed[:1]}")
+    path = phase.run.path / PROMPTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"sites": sites})
+    log(INFO, "pdss prompts from %d sites (%d prompts)", len(sites), sum(len(s["prompts"]) for s in sites.values()))
+    return {"sites": len(sites), "prompts": sum(len(s["prompts"]) for s in sites.values()), "refused": refused,
+            "failed": failed, "epsilon_per_record": epsilon, "file": PROMPTS_FILE}

@@ -1,0 +1,102 @@
+"""The pdss step-by-step student at a site, without Flower: DP-SGD per-sample gradients of the
+multi-task loss, a charged round, local-only, and a round the budget cannot pay."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from client.pdss import release_prompts
+from client.pdss_student import heldout_accuracy, kept_model_path, multitask_rows, record_loss, train_round
+from common.models.loading import load_lora_model
+from common.privacy.dp_sgd import DPSGDPlan, make_private, sample_rate_for
+from common.privacy.ledger import PrivacyLedger
+from common.settings import RunSettings
+from server.server_app import initial_adapter
+from tests.helpers import pdss_settings, pdss_site, pdss_task
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return pdss_task(tmp_path_factory.mktemp("pdss_student"), seed=4, public_records=120, train_per_client=16,
+                     canaries=1)
+
+
+def settings_for(task, **changes) -> RunSettings:
+    return pdss_settings(task, **{"rounds": 2, "token-epsilon": 1.0, "local-steps": 2, "batch-size": 8,
+                                  "max-length": 48, **changes})
+
+
+def site_for(task, tmp_path, budget: float = 100.0):
+    return pdss_site(task, tmp_path / "client_0.json", budget)
+
+
+def rationales_for(task) -> list[str]:
+    rows = [json.loads(x) for x in (task / "task" / "client_0" / "train.jsonl").read_text().splitlines()]
+    return [f"it is {r['answer']}" if i % 5 else "" for i, r in enumerate(rows)]  # every 5th: none came back
+
+
+def test_per_sample_gradients_of_the_multitask_loss_match_a_naive_loop(task):
+    settings = settings_for(task)
+    model, tokenizer = load_lora_model(task / "base", settings.dp)  # the trainer's wrapping order
+    with torch.no_grad():  # lora_B starts at 0, which would zero every lora_A gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    triples = [("Mia has 3 pens. How many pens does Mia have now?", "3", "3 = 3"),
+               ("Omar had 9 eggs and gave 2 to Ada. How many eggs does Omar have left?", "7", "9 - 2 = 7"),
+               ("Zoe buys 2 bags with 4 cards in each bag. How many cards does Zoe buy?", "8", "2 * 4 = 8")]
+    data = multitask_rows(triples, tokenizer, 0.5, 128)
+    plan = DPSGDPlan(8.0, 1e-5, 0.0, sample_rate_for(3, 3), 1, 1, 0.05, "rdp")
+    optimizer = torch.optim.SGD([p for _, p in trainable], lr=0.1)
+    _, private, optimizer, _ = make_private(model, optimizer, data, 3, plan)
+    private.train()
+    record_loss(private, *data.tensors).mean().backward()
+    opacus = {n: p.grad_sample.detach().clone() for n, p in trainable}
+    private.disable_hooks()
+    for i in range(3):
+        for _, p in trainable:
+            p.grad = None
+        record_loss(private, *(t[i:i + 1] for t in data.tensors)).sum().backward()
+        for n, p in trainable:
+            torch.testing.assert_close(opacus[n][i], p.grad, rtol=1e-4, atol=1e-6)
+            assert p.grad.abs().max() > 0
+    private.enable_hooks()
+
+
+def test_a_dp_round_is_charged_composed_and_replayed(task, tmp_path):
+    settings, site = settings_for(task), site_for(task, tmp_path)
+    release_prompts(site, settings, "run")
+    start = initial_adapter(settings)
+    adapter, metrics, refusal = train_round(site, settings, "run", 1, rationales_for(task), start)
+    assert refusal == "" and set(adapter) == set(start) and metrics["skipped-records"] == 4
+    assert metrics["num-examples"] == 12 and np.isfinite(metrics["train-loss"])
+    ledger = PrivacyLedger.load(site.ledger_path)
+    assert [e["mechanism"] for e in ledger.entries] == ["pure-epsilon", "dp-sgd"]
+    again, replayed, _ = train_round(site, settings, "run", 1, rationales_for(task), start)
+    assert replayed["replayed"] == 1 and all(np.array_equal(again[k], adapter[k]) for k in adapter)
+    assert len(PrivacyLedger.load(site.ledger_path).entries) == 2  # a repeated round costs nothing
+
+
+def test_local_only_keeps_the_model_at_the_site_and_charges_no_dp_sgd(task, tmp_path):
+    settings, site = settings_for(task, **{"student-training": "local-only"}), site_for(task, tmp_path)
+    release_prompts(site, settings, "run")
+    adapter, metrics, refusal = train_round(site, settings, "run", 1, rationales_for(task),
+                                            initial_adapter(settings))
+    assert refusal == "" and adapter == {} and metrics["local-only"] == 1 and kept_model_path(site).is_file()
+    assert [e["mechanism"] for e in PrivacyLedger.load(site.ledger_path).entries] == ["pure-epsilon"]
+    accuracy, n = heldout_accuracy(site, settings, None)  # the site scores the model it kept
+    assert 0.0 <= accuracy <= 1.0 and n == 4
+
+
+def test_a_round_the_budget_cannot_pay_is_refused_before_training(task, tmp_path):
+    settings = settings_for(task, epsilon=8.0)
+    site = site_for(task, tmp_path, budget=3.0)  # the student's DP-SGD plan alone needs 8
+    adapter, metrics, refusal = train_round(site, settings, "run", 1, rationales_for(task),
+                                            initial_adapter(settings))
+    assert adapter == {} and metrics["refused"] == 1 and "over the budget" in refusal
+    assert PrivacyLedger.load(site.ledger_path).entries == []
