@@ -372,6 +372,7 @@ def run_comparison(comparison: Comparison, console=None) -> dict:
 
 
 GROWABLE = ("methods", "epsilons", "seeds", "out_dir")  # a comparison may gain cells; nothing else may change
+DRILLS = ("fail-client", "fail-round", "fail-fraction", "fail-phase", "fail-phase-after")  # fault injection only
 
 
 def check_same_settings(comparison: Comparison) -> None:
@@ -379,7 +380,7 @@ def check_same_settings(comparison: Comparison) -> None:
     (its cells would not be comparable with the finished ones); more methods, ε or seeds are fine."""
     path = comparison.out / "settings.json"
     current = json_safe({"compare": {k: v for k, v in asdict(comparison.compare).items() if k not in GROWABLE},
-                         "run": comparison.run_values})
+                         "run": {k: v for k, v in comparison.run_values.items() if k not in DRILLS}})
     if not path.is_file():
         atomic_write_json(path, current)
         return
