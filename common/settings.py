@@ -394,14 +394,7 @@ class RunSettings:
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: dict | None = None) -> "RunSettings":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found; see simulations/configs/ for examples")
-        try:
-            document = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: not valid TOML ({err}); fix the syntax") from err
-        flat = flatten_tables(document, str(path))
+        flat = flatten_tables(read_toml(path), str(path))
         flat.update(overrides or {})
         return cls.from_flat(flat)
 
@@ -600,6 +593,17 @@ def ledger_dir_of(run_dir: str | Path, flat: dict) -> Path:
     if flat.get("mode") == "dp-opd" and teacher != "public":
         return Path(teacher) / "ledgers"
     return Path(run_dir) / "ledgers"
+
+
+def read_toml(path: str | Path, examples: str = "simulations/configs/") -> dict:
+    """A config file's document, or a one-line ConfigError saying what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; see {examples} for examples")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid TOML ({err}); fix the syntax") from err
 
 
 def flatten_tables(document: dict, source: str = "config") -> dict:

@@ -29,13 +29,12 @@ import math
 import platform
 import shutil
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from common.atomic import atomic_write_json, json_safe
 from common.errors import ConfigError
-from common.settings import RunSettings, flatten_tables, unknown_key_message
+from common.settings import RunSettings, flatten_tables, read_toml, unknown_key_message
 
 # method → the run it is read from, and what it reads there (see the module docstring).
 METHODS = {
@@ -140,12 +139,7 @@ class Comparison:
 def load_comparison(path: str | Path, overrides: dict | None = None) -> Comparison:
     """Read and check the whole comparison (every cell's settings) before anything runs."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found; see simulations/configs/compare.toml")
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid TOML ({err}); fix the syntax") from err
+    document = read_toml(path, "simulations/configs/compare.toml")
     compare_table = document.pop("compare", {})
     run_values = flatten_tables(document, str(path))
     known = {f.name for f in fields(CompareSettings)}
