@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import math
 
-from common.atomic import atomic_write_bytes, atomic_write_json
+from common.atomic import atomic_write_bytes, atomic_write_json, json_safe
 from common.privacy.exponential import guarantee
 from common.privacy.ledger import PrivacyLedger, ledger_paths
-from server.export import STUDENT_DIR, _json_safe
+from server.export import STUDENT_DIR
 
 
 def privacy_document(run_dir, settings, phases: dict) -> dict:
@@ -89,6 +89,6 @@ def run(phase) -> dict:
     model.merge_and_unload().save_pretrained(out)
     tokenizer.save_pretrained(out)
     doc = privacy_document(phase.run.path, settings, phase.state().get("phases", {}))
-    atomic_write_json(out / "privacy.json", _json_safe(doc))
+    atomic_write_json(out / "privacy.json", json_safe(doc))
     atomic_write_bytes(out / "README.md", model_card(doc).encode("utf-8"))
     return {"directory": STUDENT_DIR, "epsilon": doc["privacy"]["epsilon"]}
