@@ -70,6 +70,19 @@ def ledger_epsilon(run_dir: Path, settings: RunSettings) -> tuple[float, float |
     return max(l.spent_epsilon() for l in ledgers), max(l.delta for l in ledgers)
 
 
+def heldout_over_sites(settings: RunSettings, model, model_dir: Path) -> float:
+    """A public model's held-out perplexity as the sites report it (per-site loss, weighted by records).
+    Computed here because the model is public; a trained model's figure always comes from its run."""
+    from client.dp_lora import heldout_perplexity
+
+    loss, records = 0.0, 0
+    for i in range(settings.clients):
+        ppl, n = heldout_perplexity(model_dir, Path(settings.data_dir) / f"client_{i}" / "heldout.jsonl",
+                                    settings.dp, model=model)
+        loss, records = loss + math.log(ppl) * n, records + n
+    return math.exp(loss / records)
+
+
 def data_dir_of(comparison) -> Path:
     return Path(comparison.run_values.get("data-dir") or comparison.out / "corpus")
 
@@ -112,7 +125,8 @@ def floor_figures(comparison, bases: Path, console=None) -> dict:
         model, tokenizer = build_model(bases / role).eval(), AutoTokenizer.from_pretrained(bases / role)
         settings = RunSettings.from_flat({**comparison.run_values, "mode": "distildp", "model-dir": str(bases / role),
                                           "data-dir": str(data_dir)})
-        out[role] = {"public_perplexity": public_perplexity(settings, {"m": model}, tokenizer).get("m"),
+        out[role] = {"heldout_perplexity": heldout_over_sites(settings, model, bases / role),
+                     "public_perplexity": public_perplexity(settings, {"m": model}, tokenizer).get("m"),
                      "parameters": count_parameters(model)[1], **leakage(model, tokenizer, records, comparison)}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, json_safe(out))

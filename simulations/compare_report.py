@@ -82,7 +82,8 @@ def markdown(document: dict, rows: list[dict], gaps: dict) -> str:
                      f"{_fmt(r['mia_auc_min_k'], None, 3)} | {_fmt(r['exposure_16'], r['exposure_16_spread'])} | "
                      f"{_fmt(r['wall_seconds'], digits=0)} |")
     for role, f in (document.get("floor") or {}).items():
-        lines.append(f"| public {role} (floor) | 0 | 0 | – | {f['parameters']:,} | – | {_fmt(f['public_perplexity'])} | "
+        lines.append(f"| public {role} (floor) | 0 | 0 | – | {f['parameters']:,} | {_fmt(f.get('heldout_perplexity'))} | "
+                     f"{_fmt(f['public_perplexity'])} | "
                      f"{_fmt(f['mia_auc_loss'], None, 3)} | {_fmt(f['mia_auc_min_k'], None, 3)} | "
                      f"{_fmt(f['exposure_16'])} | – |")
     lines += ["", "± is half the range over seeds. Held-out perplexity: over every site's held-out split, weighted "
@@ -117,6 +118,9 @@ def plot(rows: list[dict], floor: dict, path: Path) -> None:
                       label=method)
         right.plot(xs, [r["mia_auc_loss"] for r in mine], marker="o", label=method)
     for role, f in (floor or {}).items():
+        if f.get("heldout_perplexity") is not None:
+            left.axhline(f["heldout_perplexity"], linestyle=":", color="grey" if role == "teacher" else "black",
+                         label=f"public {role} (no private data)")
         right.axhline(f["mia_auc_loss"], linestyle=":", color="grey" if role == "teacher" else "black",
                       label=f"public {role} (floor)")
     labels = ["∞" if math.isinf(e) else f"{e:g}" for e in epsilons]
