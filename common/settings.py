@@ -202,7 +202,7 @@ class OPDSettings:
         return self.opd_lambda > 0 and self.opd_ce_weight < 1
 
 
-def teacher_run_settings(run_dir: str | Path) -> "RunSettings":
+def teacher_run_settings(run_dir: str | Path, student_private: bool = True) -> "RunSettings":
     """The settings of a finished DP teacher run, refused (ConfigError, saying why) when a
     dp-opd student could not learn from it without losing its guarantee."""
     state_path = Path(run_dir) / "state.json"
@@ -215,7 +215,8 @@ def teacher_run_settings(run_dir: str | Path) -> "RunSettings":
     if flat.get("mode") not in TEACHER_RUN_MODES:
         raise ConfigError(f"opd-teacher {run_dir} is a {flat.get('mode')!r} run; the teacher must come from a "
                           f"{' or '.join(TEACHER_RUN_MODES)} run")
-    if not flat.get("private", True):
+    # A student without DP (private = false, an ε = ∞ baseline) claims nothing, so any teacher will do.
+    if not flat.get("private", True) and student_private:
         raise ConfigError(
             f"opd-teacher {run_dir} was trained on the sites' private data without DP (private = false): its outputs "
             "on record i depend on every other private record outside any DP mechanism, so DP-SGD's per-record "
@@ -516,7 +517,7 @@ class RunSettings:
         """dp-opd with a DP teacher: that run's settings (checked); None otherwise."""
         if self.mode != "dp-opd" or self.opd.public_teacher:
             return None
-        return teacher_run_settings(self.opd.opd_teacher)
+        return teacher_run_settings(self.opd.opd_teacher, self.dp.private)
 
     def check_teacher_run(self, teacher: "RunSettings") -> None:
         """The student charges the teacher's ledgers, and its adapter fits one base only."""

@@ -201,6 +201,8 @@ def test_a_teacher_trained_without_dp_is_refused(opd_run, tmp_path):
     RunDirectory(plain).commit(state)
     with pytest.raises(ConfigError, match="without DP.*depend on every other private record.*sensitivity"):
         RunSettings.from_flat(opd_overrides(root, plain))
+    # a student that claims no DP either (an ε = ∞ baseline) may learn from it
+    assert not RunSettings.from_flat({**opd_overrides(root, plain), "private": False}).dp.private
     with pytest.raises(ConfigError, match="no state.json"):
         RunSettings.from_flat(opd_overrides(root, tmp_path / "nothing"))
 
