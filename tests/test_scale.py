@@ -58,12 +58,20 @@ def test_evaluation_follows_sampling_unless_set():
                                   "fraction-evaluate": 1.0}).fraction_evaluate == 1.0
 
 
-@pytest.mark.parametrize("config", sorted(CONFIG.parent.glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("config", sorted(p for p in CONFIG.parent.glob("*.toml") if p.name != "compare.toml"),
+                         ids=lambda p: p.name)
 def test_shipped_configs_are_valid(config):
     settings = RunSettings.from_toml(config)
     assert settings.clients >= settings.min_clients
     if settings.central_dp:
         assert settings.central_plan().planned_epsilon() <= settings.central_epsilon
+
+
+def test_the_shipped_comparison_is_valid():
+    from simulations.compare import load_comparison
+
+    comparison = load_comparison(CONFIG.parent / "compare.toml")  # every cell's settings, before any run
+    assert len(comparison.compare.cells()) >= len(comparison.compare.methods)
 
 
 def test_every_setting_is_declared_for_flwr_run():
