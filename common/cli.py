@@ -201,6 +201,8 @@ def compare_command(
                                                   "it resumes: finished cells are kept, a cut run continues."),
     set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set 'epsilons=[2.0]' "
                                                      "--set 'methods=[\"distildp\"]' --set local-steps=30."),
+    report_only: bool = typer.Option(False, "--report-only", help="Run nothing: rewrite compare.md/json/png from "
+                                                                  "every finished cell in the directory."),
 ) -> None:
     """Every distillation method side by side at equal ε: compare.md, compare.json and compare.png."""
     from common.settings import parse_overrides
@@ -217,7 +219,7 @@ def compare_command(
                   f"{comparison.compare.seeds}); dependencies' output goes to {comparison.out / 'log.txt'}")
     comparison.out.mkdir(parents=True, exist_ok=True)
     with quiet_console(comparison.out / "log.txt") as terminal:
-        run_comparison(comparison, Console(file=terminal))
+        run_comparison(comparison, Console(file=terminal), report_only=report_only)
     console.print((comparison.out / "compare.md").read_text(encoding="utf-8"), markup=False, highlight=False)
     console.print(f"written: {comparison.out / 'compare.md'}, compare.json, compare.png")
 

@@ -344,7 +344,9 @@ def fork_after_synthesis(source: Path, target: Path) -> None:
     staging.rename(target)
 
 
-def run_comparison(comparison: Comparison, console=None) -> dict:
+def run_comparison(comparison: Comparison, console=None, report_only: bool = False) -> dict:
+    """Run every missing cell, then write the report. ``report_only``: run nothing, and report
+    every finished cell in the directory (a comparison grown over several invocations)."""
     from simulations.compare_report import write_report
 
     comparison.out.mkdir(parents=True, exist_ok=True)
@@ -353,11 +355,18 @@ def run_comparison(comparison: Comparison, console=None) -> dict:
     from simulations import compare_cells
 
     floor = compare_cells.floor_figures(comparison, bases, console)
-    cells = comparison.compare.cells()
-    results = []
-    for i, cell in enumerate(cells, 1):
-        _say(console, f"[{i}/{len(cells)}] {cell.method} at ε = {eps_text(cell.epsilon)}, seed {cell.seed}")
-        results.append(run_cell(comparison, cell, bases, console))
+    if report_only:
+        results = [json.loads(p.read_text()) for p in sorted((comparison.out / "cells").glob("*_seed*.json"))]
+    else:
+        cells = comparison.compare.cells()
+        results = []
+        for i, cell in enumerate(cells, 1):
+            _say(console, f"[{i}/{len(cells)}] {cell.method} at ε = {eps_text(cell.epsilon)}, seed {cell.seed}")
+            results.append(run_cell(comparison, cell, bases, console))
+    if report_only:  # the table lists methods in the usual order, whichever invocation ran them
+        seen = {c["method"] for c in results}
+        comparison.compare.methods = [m for m in METHODS if m in seen]
+        comparison.compare.seeds = sorted({c["seed"] for c in results})
     document = {"format": "privdistill-compare", "version": 1, "config": comparison.source,
                 "machine": machine(), "compare": asdict(comparison.compare), "settings": comparison.run_values,
                 "floor": floor, "cells": results}
