@@ -17,8 +17,11 @@ student's LoRA (its base, RUN_DIR/student-base, is built once by the server), tr
 DP-SGD on the student's own continuations of private prefixes against a frozen teacher.
 query.pdss_prompts: (pdss) the site's questions, perturbed by the token-level exponential
           mechanism and charged once per record (client/pdss.py) → the perturbed strings out.
+train.pdss_privatiser: (pdss, privatiser = encoder-decoder) public examples in → the site's
+          privatiser trained on them (or the one it kept for them) → its digest and losses out.
 train.pdss: (pdss) the student adapter + the teacher's rationales for this site's prompts in →
-          one round of the step-by-step student (DP-SGD, or local-only) → adapter + metrics out.
+          one round of the step-by-step student (DP-SGD, or local-only) → adapter + metrics out
+          (encoder-decoder: the site's sent prompts too, for its decoder).
 evaluate.pdss_student: (pdss) the student in → its held-out answer accuracy out.
 
 The site's paths, id and budget come from Flower's node config, so the same app runs at a
@@ -36,7 +39,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client import dp_lora, dp_opd, pdss, pdss_student, secagg
+from client import dp_lora, dp_opd, pdss, pdss_privatiser, pdss_student, secagg
 from client.label_histogram import release_histogram
 from common.models.loading import student_from_arrays
 from common.settings import RunSettings
@@ -116,9 +119,23 @@ def build_client_app(overrides: dict | None = None, mods: tuple = ()) -> ClientA
     def pdss_prompts(msg: Message, context: Context) -> Message:
         settings = _settings(context, overrides)
         site = site_from_context(context, settings)
-        prompts, counts, refusal = pdss.release_prompts(site, settings, str(msg.content["config"]["run-name"]))
+        config = msg.content["config"]
+        prompts, counts, refusal = pdss.release_prompts(site, settings, str(config["run-name"]),
+                                                        privatiser=_privatiser_of(config, site.client_id))
         content = RecordDict({"prompts": ConfigRecord({"prompts": prompts}), "metrics": MetricRecord(counts),
                               "client": ConfigRecord({"client-id": site.client_id, "refusal": refusal})})
+        return Message(content=content, reply_to=msg)
+
+    @app.train("pdss_privatiser")
+    def pdss_train_privatiser(msg: Message, context: Context) -> Message:
+        settings = _settings(context, overrides)
+        site = site_from_context(context, settings)
+        examples = pdss_privatiser.examples_from_config(msg.content["config"])
+        digest, info = pdss_privatiser.ensure_privatiser(site, settings, examples)
+        metrics = {"loss-first": info["loss_first"], "loss-last": info["loss_last"], "steps": info["steps"],
+                   "cached": info["cached"]}
+        content = RecordDict({"metrics": MetricRecord(metrics),
+                              "client": ConfigRecord({"client-id": site.client_id, "privatiser": digest})})
         return Message(content=content, reply_to=msg)
 
     @app.train("pdss")
@@ -126,9 +143,11 @@ def build_client_app(overrides: dict | None = None, mods: tuple = ()) -> ClientA
         settings = _settings(context, overrides)
         site = site_from_context(context, settings)
         config = msg.content["config"]
+        prompts = [str(x) for x in config["prompts"]] if "prompts" in config else None
         adapter, metrics, refusal = pdss_student.train_round(
             site, settings, str(config["run-name"]), int(config["server-round"]),
-            [str(r) for r in config["rationales"]], from_array_record(msg.content["arrays"]))
+            [str(r) for r in config["rationales"]], from_array_record(msg.content["arrays"]),
+            prompts=prompts, privatiser=str(config.get("privatiser", "")))
         content = RecordDict({"metrics": MetricRecord({**metrics, "refused": int(bool(refusal))}),
                               "client": ConfigRecord({"client-id": site.client_id, "refusal": refusal})})
         if adapter:  # local-only sites send no model
@@ -147,6 +166,12 @@ def build_client_app(overrides: dict | None = None, mods: tuple = ()) -> ClientA
         return Message(content=content, reply_to=msg)
 
     return app
+
+
+def _privatiser_of(config, client_id: str) -> str:
+    """This site's privatiser digest in a pdss request ("" when the request names none)."""
+    sites = [str(x) for x in config.get("privatiser-sites", [])]
+    return str(config["privatiser-digests"][sites.index(client_id)]) if client_id in sites else ""
 
 
 def _settings(context: Context, overrides: dict | None) -> RunSettings:

@@ -9,6 +9,15 @@ prompts are kept beside the ledger (``<ledger stem>.pdss-prompts.json``, atomic 
 the question and the mechanism's parameters: a later request, in this run or another, re-sends
 them and costs nothing. A site whose budget cannot pay refuses before anything is perturbed or
 sent, naming the records and their cost.
+
+With ``privatiser = encoder-decoder`` the site's privatiser (client/pdss_privatiser.py, trained on
+public data) first rewrites each question; the mechanism then perturbs the rewrite q' and the
+ledger charges ε_token × tokens perturbed *of q'*. The released prompt is ε_token·n-DP with respect
+to the rewrite's n perturbed tokens, given the rewrite's skeleton (its length and where template
+tokens stand, which pass through and are revealed, as a plain question's are); the mechanism's
+bound holds for any two inputs, so a deterministic rewrite before it keeps it, but the encoder has
+no guarantee of its own: what it does to the skeleton is not bounded, only what follows it is.
+The cache key names the strategy and the privatiser's digest.
 """
 
 from __future__ import annotations
@@ -85,28 +94,44 @@ def mechanism_digest(mechanism: TokenExponentialMechanism, settings) -> str:
     return h.hexdigest()
 
 
-def release_prompts(site, settings, run_name: str, seed: int | None = None) -> tuple[list[str], dict, str]:
+def release_prompts(site, settings, run_name: str, seed: int | None = None,
+                    privatiser: str = "") -> tuple[list[str], dict, str]:
     """(perturbed prompts in record order, counts, refusal reason or "").
 
-    ``seed`` only for tests; a site's mechanism draws from the OS RNG.
+    ``privatiser``: with ``privatiser = encoder-decoder``, the digest of the site's trained privatiser
+    (client/pdss_privatiser.py); its encoder rewrites each question first, and the mechanism perturbs
+    and charges the rewrite. ``seed`` only for tests; a site's mechanism draws from the OS RNG.
     """
     records = site_records(site.train_path, settings)
     ledger = site_ledger(site, settings, len(records))
     mechanism, tokenizer = build_mechanism(site.model_dir, settings, seed)
     epsilon = settings.pdss.token_epsilon
-    ids = [tokenizer.encode(r.question, add_special_tokens=False) for r in records]
     counts = {"records": len(records), "cached": 0, "perturbed-now": 0, "epsilon-charged": 0.0}
-    if not settings.pdss.perturbs:  # ε = ∞: the non-private baseline sends the questions as they are
-        return [r.question for r in records], {**counts, "epsilon-per-record": math.inf}, ""
+    encoder_decoder = settings.pdss.encoder_decoder
+    if encoder_decoder and not privatiser:
+        return [], counts, f"{site.client_id}: privatiser = encoder-decoder, but no trained privatiser was named"
+    if not settings.pdss.perturbs:  # ε = ∞: the non-private baseline sends the questions (or rewrites) as they are
+        questions = [r.question for r in records]
+        sent = _rewrites(site, settings, privatiser, questions, counts) if encoder_decoder else questions
+        return sent, {**counts, "epsilon-per-record": math.inf}, ""
 
     digest = mechanism_digest(mechanism, settings)
+    if encoder_decoder:  # a new strategy or privatiser is a new release
+        digest = hashlib.sha256(f"{digest}\0encoder-decoder\0{privatiser}".encode()).hexdigest()
     keys = [hashlib.sha256(f"{digest}\0{r.question}".encode()).hexdigest() for r in records]
     cache = _read_cache(site.ledger_path)
     todo = [i for i, k in enumerate(keys) if k not in cache]
-    todo_keys = sorted({keys[i] for i in todo})
-    perturbed_counts = [mechanism.tokens_perturbed(x) for x in ids]
-    if todo_keys:
-        unique = {keys[i]: i for i in todo}  # identical questions are one release
+    unique = {keys[i]: i for i in todo}  # identical questions are one release
+    sources = {r.question: r.question for r in records}  # what the mechanism perturbs: q, or the encoder's q'
+    if encoder_decoder and unique:
+        questions = [records[i].question for i in unique.values()]
+        sources.update(zip(questions, _rewrites(site, settings, privatiser, questions, counts)))
+    ids = {keys[i]: tokenizer.encode(sources[records[i].question], add_special_tokens=False)
+           for i in unique.values()}
+    perturbed_counts = [cache[k]["tokens_perturbed"] if k in cache else mechanism.tokens_perturbed(ids[k])
+                        for k in keys]
+    if unique:
+        todo_keys = sorted(unique)
         tokens = [perturbed_counts[i] for i in unique.values()]
         charge_id = f"pdss-prompts/{hashlib.sha256(''.join(todo_keys).encode()).hexdigest()[:20]}"
         if ledger.status_of(charge_id) == "released":  # released, then the kept copy was lost
@@ -119,11 +144,12 @@ def release_prompts(site, settings, run_name: str, seed: int | None = None) -> t
                                  epsilon, settings.pdss.prompt_epsilon)
             if refusal:
                 return [], counts, f"{site.client_id}: {refusal}"
-            ledger.reserve(charge_id, charge, run_id=run_name,
-                           extra={"mechanism": "token-exponential", "records": len(tokens),
-                                  "epsilon_token": epsilon, "max_tokens_perturbed": max(tokens),
-                                  "guarantee": mechanism.guarantee()})
-        new = mechanism.perturb_batch([ids[i] for i in unique.values()])  # one sampling call
+            extra = {"mechanism": "token-exponential", "records": len(tokens), "epsilon_token": epsilon,
+                     "max_tokens_perturbed": max(tokens), "guarantee": mechanism.guarantee()}
+            if encoder_decoder:
+                extra.update(privatiser=privatiser, perturbed="the encoder's rewrite of each question")
+            ledger.reserve(charge_id, charge, run_id=run_name, extra=extra)
+        new = mechanism.perturb_batch(list(ids.values()))  # one sampling call; the mechanism is the last step
         for key, i, out in zip(unique, unique.values(), new):
             cache[key] = {"prompt": tokenizer.decode(out), "tokens_perturbed": perturbed_counts[i]}
         _write_cache(site.ledger_path, cache)  # kept first: every later request re-sends these
@@ -134,6 +160,16 @@ def release_prompts(site, settings, run_name: str, seed: int | None = None) -> t
     counts["cached"] = len(records) - len(todo)
     counts["epsilon-per-record"] = epsilon * max(perturbed_counts)
     return [cache[k]["prompt"] for k in keys], counts, ""
+
+
+def _rewrites(site, settings, privatiser: str, questions: list[str], counts: dict) -> list[str]:
+    """The encoder's rewrite of each question; an empty rewrite falls back to the question itself
+    (counted in ``counts["encoder-empty"]``)."""
+    from client.pdss_privatiser import load_privatiser
+
+    rewrites = load_privatiser(site, settings, privatiser).encode(questions)
+    counts["encoder-empty"] = counts.get("encoder-empty", 0) + sum(not w for w in rewrites)
+    return [w or q for w, q in zip(rewrites, questions)]
 
 
 def _unpayable(ledger, charge, charge_id, records, per_record, todo, epsilon, cap) -> str:

@@ -11,7 +11,10 @@ first, so its context is exactly the prompt the student sees at inference ("pred
 the explain part also sees the predict part (a causal LM cannot hide it in one row).
 
 Rationales come from the server's teacher, written for this site's *perturbed* prompts; a record
-whose rationale came back empty or unparseable is skipped (and counted). With
+whose rationale came back empty or unparseable is skipped (and counted). With ``privatiser =
+encoder-decoder`` the site's decoder (client/pdss_privatiser.py) first maps (sent prompt, teacher's
+rationale, raw question) to a rationale for the raw question, and that is the target (an empty
+decoding is skipped and counted the same way). With
 ``student-training = dp-sgd`` the LoRA update leaves the site, so it is trained with DP-SGD
 (client/dp_lora.py's machinery) and each round is charged to the ledger, composed there with the
 prompts' pure-ε charge; with ``local-only`` the model never leaves and is kept beside the ledger.
@@ -84,9 +87,23 @@ def kept_model_path(site) -> Path:
     return site.ledger_path.parent / f"{site.ledger_path.stem}.releases" / "pdss-local-student.safetensors"
 
 
+def decoded_rationales(site, settings, records, prompts: list[str], rationales: list[str],
+                       privatiser: str) -> list[str]:
+    """encoder-decoder: each record's rationale target is the decoder's rationale for its *raw* question,
+    from the prompt the site sent and the teacher's rationale for it (local post-processing of what the
+    site holds: no new charge). "" where the decoder wrote nothing (the record is then skipped)."""
+    from client.pdss_privatiser import load_privatiser
+
+    return load_privatiser(site, settings, privatiser).decode(prompts, rationales, [r.question for r in records])
+
+
 def train_round(site, settings, run_name: str, server_round: int, rationales: list[str],
-                global_adapter: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict, str]:
+                global_adapter: dict[str, np.ndarray], prompts: list[str] | None = None,
+                privatiser: str = "") -> tuple[dict[str, np.ndarray], dict, str]:
     """One round at a site: (adapter to send, metrics, refusal or "").
+
+    encoder-decoder: ``prompts`` (what this site sent) and ``privatiser`` (its digest) turn the
+    teacher's rationales into the decoder's (``decoded_rationales``) before training.
 
     local-only sites send no adapter back (an empty dict) and keep theirs in ``kept_model_path``.
     A DP-SGD round already charged re-sends the update it released (like dp_lora.run_round).
@@ -95,9 +112,15 @@ def train_round(site, settings, run_name: str, server_round: int, rationales: li
     records = site_records(site.train_path, settings)
     if len(rationales) != len(records):
         return {}, {}, f"{len(rationales)} rationales for {len(records)} records: the server's list is not this site's"
+    decoded = {}
+    if p.encoder_decoder:
+        if not privatiser or prompts is None or len(prompts) != len(records):
+            return {}, {}, "privatiser = encoder-decoder needs this site's sent prompts and its privatiser's digest"
+        rationales = decoded_rationales(site, settings, records, prompts, rationales, privatiser)
+        decoded = {"decoder-empty": sum(not r.strip() for r in rationales)}
     pairs, skipped = usable(records, rationales)
     metrics = {"num-examples": len(pairs), "skipped-records": skipped, "train-loss": float("nan"), "refused": 0,
-               "replayed": 0}
+               "replayed": 0, **decoded}
     if not pairs:
         return {}, {**metrics, "refused": 1}, "no record has a usable rationale; nothing to train on"
     private = p.student_training == "dp-sgd"

@@ -23,6 +23,7 @@ MODES = ("dp-lora", "distildp", "dp-opd", "pdss")
 TEACHER_RUN_MODES = ("dp-lora", "distildp")  # runs whose DP teacher a dp-opd student may learn from
 STUDENT_TRAINING = ("dp-sgd", "local-only")
 OUTPUT_SETS = ("public-tokens", "vocabulary")
+PRIVATISERS = ("exponential", "encoder-decoder")
 MAX_PROMPT_EPSILON = 500.0
 WIRE_DTYPES = ("float32", "float16")
 PROMPT_SOURCES = ("control-codes", "bos")
@@ -250,6 +251,13 @@ class PDSSSettings:
     student_training: str = "dp-sgd"       # dp-sgd (the update leaves: FedAvg) | local-only (nothing leaves)
     rationale_weight: float = 0.5          # α in L = (1 − α)·L_answer + α·L_rationale
     student_eval_max_new_tokens: int = 6
+    # exponential: the mechanism alone; encoder-decoder: a local model trained on public data rewrites each
+    # question before the mechanism and turns the teacher's rationale back into one for the raw question
+    privatiser: str = "exponential"
+    privatiser_steps: int = 200            # full fine-tune steps of the privatiser (public data, no DP)
+    privatiser_batch_size: int = 16
+    privatiser_learning_rate: float = 1e-3
+    privatiser_max_new_tokens: int = 48    # the longest rewritten question / decoded rationale
     # Simulation only: the student's public base model (model-dir), warmed on the public split.
     student_spec: str = "tiny-gpt2"
     student_warmup_steps: int = 100
@@ -267,6 +275,13 @@ class PDSSSettings:
                                      ("student-training", self.student_training, STUDENT_TRAINING)):
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.privatiser not in PRIVATISERS:
+            raise ConfigError(f"privatiser must be one of {', '.join(PRIVATISERS)}, got {self.privatiser!r}")
+        for name in ("privatiser_steps", "privatiser_batch_size", "privatiser_max_new_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
+        if not 0 < self.privatiser_learning_rate < 1:
+            raise ConfigError(f"privatiser-learning-rate must be in (0, 1), got {self.privatiser_learning_rate}")
         if not 0 <= self.rationale_weight <= 1:
             raise ConfigError(f"rationale-weight must be in [0, 1], got {self.rationale_weight}")
         if self.teacher_few_shot < 0:
@@ -287,6 +302,10 @@ class PDSSSettings:
     @property
     def perturbs(self) -> bool:
         return math.isfinite(self.token_epsilon)
+
+    @property
+    def encoder_decoder(self) -> bool:
+        return self.privatiser == "encoder-decoder"
 
 
 def unknown_key_message(key: str, known, what: str = "setting") -> str:

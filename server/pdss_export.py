@@ -1,7 +1,8 @@
 """Phase `pdss-export`: the federated step-by-step student with its privacy card.
 
 RUN_DIR/student/: ``save_pretrained`` of the base model with the federated LoRA adapter merged
-in (and the tokenizer), ``privacy.json`` and a README model card. Both mechanisms that touched
+in (and the tokenizer), ``privacy.json`` and a README model card. The card names the privatisation
+strategy (exponential, or encoder-decoder with what its guarantee is and is not). Both mechanisms that touched
 a site's data are stated: the token-level exponential mechanism on its prompts (pure ε per
 record, with its guarantee) and DP-SGD on its student; the figure is each site's ledger
 composing both (dp-accounting PLD). With `local-only` nothing was federated: no student.
@@ -38,20 +39,35 @@ def privacy_document(run_dir, settings, phases: dict) -> dict:
                  "epsilon_token": p.token_epsilon, "utility": p.perturb_utility, "output_set": p.perturb_output_set,
                  "candidates": p.perturb_candidates, "guarantee": guarantee(p.token_epsilon, p.perturb_candidates,
                                                                               p.perturb_knn),
-                 "charged": "ε_token × tokens perturbed per record; records disjoint, so the pass costs the largest"},
+                 "charged": "ε_token × tokens perturbed per record" + (" (of the encoder's rewrite)" if p.encoder_decoder
+                                                                        else "") +
+                            "; records disjoint, so the pass costs the largest"},
                 {"mechanism": "DP-SGD (Poisson-subsampled Gaussian) on each site's LoRA student", "rounds": settings.rounds,
                  "epsilon_target": settings.dp.epsilon, "max_grad_norm": settings.dp.max_grad_norm},
             ],
+            "strategy": strategy_of(p),
             "composition": "Each site's ledger composes both with dp-accounting's PLD accountant (the pure-ε pass as an "
                            "ε-DP event); the student's ε is the largest site's",
             "sites": sites,
         },
         "evaluation": {"student_accuracy": phases.get("pdss-evaluation", {}).get("accuracy"),
                        "note": "exact match after normalisation on the sites' held-out splits"},
-        "settings": {"token-epsilon": p.token_epsilon, "rationale-weight": p.rationale_weight,
+        "settings": {"privatiser": p.privatiser, "token-epsilon": p.token_epsilon, "rationale-weight": p.rationale_weight,
                      "teacher-few-shot": p.teacher_few_shot, "rounds": settings.rounds,
                      "local-steps": settings.dp.local_steps, "epsilon": settings.dp.epsilon, "lora-r": settings.dp.lora_r},
     }
+
+
+def strategy_of(p) -> dict:
+    """The privatisation strategy, as the card states it."""
+    if not p.encoder_decoder:
+        return {"privatiser": "exponential", "statement": "each question is perturbed by the mechanism as it is"}
+    return {"privatiser": "encoder-decoder", "statement": (
+        "a local model trained on public data only rewrites each question before the mechanism and, after the "
+        "teacher answered, decodes its rationale into one for the raw question (local post-processing, no "
+        "charge). The released prompt is ε_token·n-DP with respect to the encoder's output of n perturbed "
+        "tokens (given that output's public skeleton); the encoder is deterministic pre-processing with no "
+        "guarantee of its own, and the mechanism is always the last step before anything leaves a site")}
 
 
 def model_card(doc: dict) -> str:
@@ -66,7 +82,8 @@ def model_card(doc: dict) -> str:
     for m in priv["mechanisms"]:
         lines.append(f"- **{m['mechanism']}**" + (f": {m['guarantee']}; charged {m['charged']}." if "guarantee" in m
                                                    else f": {m['rounds']} rounds, ε target {m['epsilon_target']}."))
-    lines += ["", priv["composition"] + ".", "", "| site | ε (composed) | prompt ε per record | DP-SGD rounds | δ |",
+    lines += ["", f"**Strategy: {priv['strategy']['privatiser']}**: {priv['strategy']['statement']}.", "",
+              priv["composition"] + ".", "", "| site | ε (composed) | prompt ε per record | DP-SGD rounds | δ |",
               "|---|---|---|---|---|"]
     lines += [f"| {s['site']} | {s['epsilon']:.3f} | {s['prompt_epsilon_per_record']:g} | {s['dp_sgd_rounds']} | "
               f"{s['delta']:.1e} |" for s in priv["sites"]]

@@ -2,7 +2,8 @@
 
 A site perturbs every question with the token-level exponential mechanism and pays for it in
 its ledger before replying (client/pdss.py); the reply holds only the perturbed strings and
-counts. The server keeps what it saw in RUN_DIR/pdss/prompts.json (the rationale phase reads it,
+counts. With privatiser = encoder-decoder the request names each site's privatiser (trained in
+phase pdss-privatiser), whose encoder rewrites the questions before the mechanism. The server keeps what it saw in RUN_DIR/pdss/prompts.json (the rationale phase reads it,
 and the simulation's leakage metric measures it), keyed by site, with the node that sent them.
 """
 
@@ -34,12 +35,22 @@ def ask_every_site(phase, message_type: str, content: dict) -> tuple[list[Messag
     return answered, failed
 
 
+def digests(phase) -> dict[str, str]:
+    """client id → the digest of its privatiser ({} with the plain mechanism: no pdss-privatiser phase)."""
+    return {client: s["privatiser"] for client, s in phase.summary_of("pdss-privatiser").get("sites", {}).items()}
+
+
 def run(phase) -> dict:
     settings = phase.settings
     if not phase.run.exists():  # the first phase of the pipeline opens the run's state
         phase.run.commit(phase.run.new_state(settings.to_run_config()))
     wait_for_nodes(phase.grid, settings.clients, timeout=settings.round_timeout)
-    replies, failed = ask_every_site(phase, "query.pdss_prompts", {"config": ConfigRecord({"run-name": settings.name})})
+    config = {"run-name": settings.name}
+    privatisers = digests(phase)
+    if privatisers:  # encoder-decoder: each site's privatiser, by client id (node ids change on resume)
+        config.update({"privatiser-sites": sorted(privatisers), "privatiser-digests": [privatisers[c] for c in
+                                                                                        sorted(privatisers)]})
+    replies, failed = ask_every_site(phase, "query.pdss_prompts", {"config": ConfigRecord(config)})
     sites, refused, epsilon = {}, [], {}
     for reply in replies:
         client = reply.content["client"]

@@ -4,7 +4,9 @@ Each round every site that sent prompts gets one message: the global LoRA adapte
 and the teacher's rationales for *its own* prompts (only rationale strings: a site needs nothing
 else). It trains its student on its records (client/pdss_student.py: DP-SGD, charged to its
 ledger) and replies with the adapter and metrics; Flower's FedAvg (weighted by records used)
-averages the valid replies. With `student-training = local-only` no adapter leaves a site: the
+averages the valid replies. With privatiser = encoder-decoder the message also carries the site's
+own sent prompts and its privatiser's digest: the site's decoder turns each teacher rationale into
+one for its raw question before training. With `student-training = local-only` no adapter leaves a site: the
 rounds only pace the sites' local training, and the replies carry metrics.
 """
 
@@ -20,7 +22,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.errors import RoundFailed
 from common.wire import from_array_record, to_array_record
-from server.pdss_prompts import PROMPTS_FILE
+from server.pdss_prompts import PROMPTS_FILE, digests
 from server.pdss_rationales import RATIONALES_FILE
 from server.server_app import initial_adapter, sort_train_replies
 
@@ -34,13 +36,17 @@ def run(phase) -> dict:
     progress = state.setdefault("pdss", {"completed_round": 0, "adapter": None, "rounds": []})
     adapter = run.load_adapter(progress["adapter"]) if progress["adapter"] else initial_adapter(settings)
     strategy = FedAvg(weighted_by_key="num-examples")
+    privatisers = digests(phase)
     for server_round in range(progress["completed_round"] + 1, settings.rounds + 1):
         started = time.monotonic()
         arrays = to_array_record(adapter, settings.wire_dtype)
         messages = []
         for client, site in sorted(sites.items()):
-            config = ConfigRecord({"server-round": server_round, "run-name": settings.name,
-                                   "rationales": [r["rationale"] for r in rationales[client]]})
+            config = {"server-round": server_round, "run-name": settings.name,
+                      "rationales": [r["rationale"] for r in rationales[client]]}
+            if client in privatisers:  # encoder-decoder: the site decodes from what it sent, with its privatiser
+                config.update({"prompts": site["prompts"], "privatiser": privatisers[client]})
+            config = ConfigRecord(config)
             messages.append(Message(content=RecordDict({"arrays": arrays, "config": config}),
                                     dst_node_id=int(site["node"]), message_type="train.pdss"))
         replies = list(phase.grid.send_and_receive(messages, timeout=settings.round_timeout))

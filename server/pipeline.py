@@ -47,9 +47,16 @@ class Phase:
         return self.state().get("phases", {}).get(name, {})
 
 
+def phases_of(settings: RunSettings) -> tuple[str, ...]:
+    """The run's phases: its mode's, with pdss's privatiser trained first under encoder-decoder."""
+    if settings.mode == "pdss" and settings.pdss.encoder_decoder:
+        return ("pdss-privatiser", *PIPELINES["pdss"])
+    return PIPELINES[settings.mode]
+
+
 def run_pipeline(grid: Grid, context: Context, settings: RunSettings) -> dict:
     run = RunDirectory(settings.run_dir)
-    names = PIPELINES[settings.mode]
+    names = phases_of(settings)
     log(INFO, "pipeline %s: %s", settings.mode, " → ".join(names))
     for name in names:
         if run.exists() and phase_complete(run.load_state(), name, settings):
