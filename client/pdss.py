@@ -108,6 +108,8 @@ def release_prompts(site, settings, run_name: str, seed: int | None = None,
     epsilon = settings.pdss.token_epsilon
     counts = {"records": len(records), "cached": 0, "perturbed-now": 0, "epsilon-charged": 0.0}
     encoder_decoder = settings.pdss.encoder_decoder
+    if encoder_decoder:
+        counts["encoder-empty"] = 0  # rewrites that came back empty (their questions were perturbed as they are)
     if encoder_decoder and not privatiser:
         return [], counts, f"{site.client_id}: privatiser = encoder-decoder, but no trained privatiser was named"
     if not settings.pdss.perturbs:  # ε = ∞: the non-private baseline sends the questions (or rewrites) as they are
@@ -168,7 +170,7 @@ def _rewrites(site, settings, privatiser: str, questions: list[str], counts: dic
     from client.pdss_privatiser import load_privatiser
 
     rewrites = load_privatiser(site, settings, privatiser).encode(questions)
-    counts["encoder-empty"] = counts.get("encoder-empty", 0) + sum(not w for w in rewrites)
+    counts["encoder-empty"] += sum(not w for w in rewrites)
     return [w or q for w, q in zip(rewrites, questions)]
 
 

@@ -117,6 +117,10 @@ def test_no_site_message_holds_a_raw_prompt_answer_label_or_canary(pdss_run):
     its ε allows (that is what the leakage metric measures: with a ~100-token output set and ε = 1,
     P(y = x) ≈ 1.5%); the test computes, from the exact distribution, the chance that an honest run
     fails it and requires it below 0.1%."""
+    assert_no_private_text_left_the_sites(pdss_run, {"query.pdss_prompts", "train.pdss", "evaluate.pdss_student"})
+
+
+def assert_no_private_text_left_the_sites(pdss_run, kinds_expected: set[str]) -> None:
     data, settings = pdss_run["data"], pdss_run["settings"]
     records = [r for i in range(2) for split in ("train", "heldout")
                for r in load_task(data / f"client_{i}" / f"{split}.jsonl")]
@@ -136,7 +140,7 @@ def test_no_site_message_holds_a_raw_prompt_answer_label_or_canary(pdss_run):
 
     messages = _decoded_site_messages(pdss_run["wire"])
     kinds = {m.metadata.message_type for _, _, m in messages}
-    assert kinds == {"query.pdss_prompts", "train.pdss", "evaluate.pdss_student"}
+    assert kinds == kinds_expected
     payloads = {name: raw for name, raw, _ in messages}
     assert find_leaks(payloads, windows, tokenizer, window=8) == []  # as text and as token ids
     for name, raw, message in messages:
