@@ -11,10 +11,20 @@ and the run's teacher answers them (server/rationales.py, greedy). Printed per �
   and the canary PINs readable whole;
 * the teacher's answer accuracy on those prompts (ε = ∞: the raw questions).
 
-Student accuracy per ε needs one federated run per ε: `--students` runs them (minutes each).
-The encoder-decoder strategy of issue 13 is not built, so it has no rows.
+* the rationale the student would train on is right (it states the computation that gives the
+  record's answer: "x op y = answer"): the teacher's (exponential) or the decoder's (encoder-decoder).
 
-Usage:  .venv/bin/python benchmarks/pdss.py --run runs/pdss [--epsilons 1 4 16 inf] [--students]
+``--strategies exponential encoder-decoder`` adds rows for the encoder-decoder privatiser
+(client/pdss_privatiser.py): per ε its public examples are built with the run's teacher (as phase
+pdss-privatiser does), the privatiser is trained once (kept under RUN/bench-privatiser by digest),
+its encoder rewrites each question, the mechanism perturbs the rewrite (the per-record ε counts the
+rewrite's tokens), the teacher answers, and the decoder writes the rationale for the raw question.
+
+Student accuracy per cell needs one federated run per (strategy, ε): `--students` runs them
+(minutes each). ``--plot`` writes accuracy and leakage against ε_token (benchmarks/pdss.png).
+
+Usage:  .venv/bin/python benchmarks/pdss.py --run runs/pdss [--epsilons 1 4 16 inf]
+            [--strategies exponential encoder-decoder] [--students] [--plot benchmarks/pdss.png]
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -30,31 +41,65 @@ from pathlib import Path
 from client.pdss import build_mechanism, site_records
 from common.privacy.accounting import PURE_EPSILON, epsilon_of_events, subsampled_gaussian
 from common.privacy.dp_sgd import plan_dp_sgd
-from common.settings import MAX_PROMPT_EPSILON, RunSettings
+from common.data.task import normalise_answer
+from common.settings import MAX_PROMPT_EPSILON, PRIVATISERS, RunSettings
 from server.pdss_rationales import load_teacher_generator, public_records
 from server.rationales import few_shot_prefix, write_rationales
 from simulations.pdss import correct, leakage_counts
 
 
-def perturbed_prompts(settings, records) -> tuple[list[str], list[int]]:
-    if not settings.pdss.perturbs:
-        return [r.question for r in records], [0] * len(records)
+def perturbed_prompts(settings, questions: list[str]) -> tuple[list[str], list[int]]:
+    """The mechanism's output on each question (OS randomness) and its tokens perturbed."""
     mechanism, tokenizer = build_mechanism(settings.model_dir, settings)
-    ids = [tokenizer.encode(r.question, add_special_tokens=False) for r in records]
-    return [tokenizer.decode(x) for x in mechanism.perturb_batch(ids)], [mechanism.tokens_perturbed(x) for x in ids]
+    ids = [tokenizer.encode(q, add_special_tokens=False) for q in questions]
+    counts = [mechanism.tokens_perturbed(x) for x in ids]
+    if not settings.pdss.perturbs:
+        return list(questions), counts
+    return [tokenizer.decode(x) for x in mechanism.perturb_batch(ids)], counts
 
 
-def row_for(settings, epsilon: float, generator, prefix: str, truth: dict) -> dict:
-    settings = RunSettings.from_flat({**settings.to_run_config(), "token-epsilon": epsilon})
+def trained_privatiser(settings, run: Path, generator):
+    """The encoder-decoder privatiser for these settings, built as phase pdss-privatiser builds it."""
+    from client.dp_lora import Site
+    from client.pdss_privatiser import ensure_privatiser, load_privatiser
+    from server.pdss_privatiser import public_examples
+
+    keep = run / "bench-privatiser" / "site.json"  # privatisers are kept by digest beside this (unused) ledger
+    site = Site("bench", keep, keep, keep, 1.0, Path(settings.model_dir))
+    digest, info = ensure_privatiser(site, settings, public_examples(settings, generator))
+    return load_privatiser(site, settings, digest), info
+
+
+def right_computation(rationale: str, answer: str) -> bool:
+    """Does the rationale state a computation "x op y = v" that holds and gives the record's answer?"""
+    m = re.match(r"\s*(\d+)\s*([-+*])\s*(\d+)\s*=\s*(\d+)", rationale)
+    if not m:
+        return False
+    x, op, y, v = int(m[1]), m[2], int(m[3]), int(m[4])
+    value = x + y if op == "+" else x - y if op == "-" else x * y
+    return value == v and normalise_answer(str(v)) == normalise_answer(answer)
+
+
+def row_for(settings, epsilon: float, strategy: str, generator, prefix: str, truth: dict, run: Path) -> dict:
+    settings = RunSettings.from_flat({**settings.to_run_config(), "token-epsilon": epsilon, "privatiser": strategy})
     p, data_dir = settings.pdss, Path(settings.data_dir)
-    ok = total = 0
+    privatiser, info = trained_privatiser(settings, run, generator) if p.encoder_decoder else (None, {})
+    ok = right = total = empty = 0
     leaks, counts = [0, 0, 0], []
     for i in range(settings.clients):
         records = site_records(data_dir / f"client_{i}" / "train.jsonl", settings)
-        prompts, tokens = perturbed_prompts(settings, records)
-        answers = [w.answer for w in write_rationales(generator, prompts, prefix, p.teacher_max_new_tokens,
-                                                      p.teacher_batch_size)]
-        ok, total = ok + correct(records, answers), total + len(records)
+        questions = [r.question for r in records]
+        if privatiser:  # the encoder's rewrite is what the mechanism perturbs (an empty one: the question)
+            rewrites = privatiser.encode(questions)
+            empty += sum(not w for w in rewrites)
+            questions = [w or q for w, q in zip(rewrites, questions)]
+        prompts, tokens = perturbed_prompts(settings, questions)
+        written = write_rationales(generator, prompts, prefix, p.teacher_max_new_tokens, p.teacher_batch_size)
+        targets = [w.rationale for w in written]
+        if privatiser:
+            targets = privatiser.decode(prompts, targets, [r.question for r in records])
+        ok, total = ok + correct(records, [w.answer for w in written]), total + len(records)
+        right += sum(right_computation(t, r.answer) for t, r in zip(targets, records))
         leaks = [a + b for a, b in zip(leaks, leakage_counts(truth, f"client_{i}", prompts))]
         counts += tokens
     plan = plan_dp_sgd(len(records), settings.dp.batch_size, settings.dp.local_steps, settings.rounds,
@@ -65,10 +110,12 @@ def row_for(settings, epsilon: float, generator, prefix: str, truth: dict) -> di
         events = [((PURE_EPSILON, charged), 1), (subsampled_gaussian(plan.noise_multiplier, plan.sample_rate),
                                                 plan.total_steps)]
         composed = epsilon_of_events(events, plan.delta, "pld")
-    return {"epsilon_token": epsilon, "typical_record_epsilon": epsilon * statistics.median(counts)
-            if math.isfinite(epsilon) else math.inf, "charged_record_epsilon": charged,
+    return {"strategy": strategy, "epsilon_token": epsilon,
+            "typical_record_epsilon": epsilon * statistics.median(counts) if math.isfinite(epsilon) else math.inf,
+            "charged_record_epsilon": charged, "median_tokens_perturbed": statistics.median(counts),
             "with_dp_sgd": composed, "leakage": leaks[0] / leaks[1], "canaries_read": f"{leaks[2]}/{len(truth['canaries'])}",
-            "teacher_accuracy": ok / total}
+            "teacher_accuracy": ok / total, "rationale_correct": right / total, "encoder_empty": empty,
+            "privatiser_loss": [info.get("loss_first"), info.get("loss_last_10")] if info else None}
 
 
 def student_accuracy(run: Path, label: str, **changes) -> float:
@@ -97,29 +144,80 @@ def public_only_accuracy(settings) -> float:
     return correct_ / total
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Accuracy and leakage against ε_token, one line per strategy (∞ drawn at the right end)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = sorted({r["epsilon_token"] for r in rows if math.isfinite(r["epsilon_token"])})
+    at_inf = (finite[-1] * 4) if finite else 1.0
+    x_of = lambda e: e if math.isfinite(e) else at_inf  # noqa: E731
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for strategy, style in (("exponential", "o-"), ("encoder-decoder", "s--")):
+        mine = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: x_of(r["epsilon_token"]))
+        if not mine:
+            continue
+        xs = [x_of(r["epsilon_token"]) for r in mine]
+        left.plot(xs, [r["teacher_accuracy"] for r in mine], style, label=f"{strategy}: teacher accuracy")
+        left.plot(xs, [r["rationale_correct"] for r in mine], style, alpha=0.5,
+                  label=f"{strategy}: student's rationale right")
+        if all("student_accuracy" in r for r in mine):
+            left.plot(xs, [r["student_accuracy"] for r in mine], style, alpha=0.3, label=f"{strategy}: student accuracy")
+        right.plot(xs, [r["leakage"] for r in mine], style, label=strategy)
+    ticks = finite + [at_inf]
+    for ax, title in ((left, "accuracy"), (right, "leakage (private tokens surviving)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [f"{t:g}" for t in finite] + ["∞"])
+        ax.set_xlabel("ε per token")
+        ax.set_title(title)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a finished `privdistill simulate` pdss run")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 16.0, math.inf])
-    parser.add_argument("--students", action="store_true", help="also train a federated student per ε (slow)")
+    parser.add_argument("--strategies", nargs="+", default=["exponential"], choices=PRIVATISERS)
+    parser.add_argument("--students", action="store_true", help="also train a federated student per cell (slow)")
+    parser.add_argument("--plot", type=Path, help="write accuracy and leakage against ε here (png)")
+    parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args()
     settings = RunSettings.from_flat(json.loads((args.run / "state.json").read_text())["settings"])
     truth = json.loads((Path(settings.data_dir) / "canaries.json").read_text())
     generator = load_teacher_generator(settings)
     prefix = few_shot_prefix(public_records(settings), settings.pdss.teacher_few_shot, settings.seed)
     print(f"machine: {platform.processor() or platform.machine()}, {platform.python_version()}; run {args.run}")
-    header = ("ε/token", "record ε (median)", "record ε (charged)", "+ DP-SGD", "leakage", "PINs read",
-              "teacher acc") + (("student acc",) if args.students else ())
+    header = ("strategy", "ε/token", "record ε (median)", "record ε (charged)", "+ DP-SGD", "leakage", "PINs read",
+              "teacher acc", "rationale right") + (("student acc",) if args.students else ())
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for epsilon in args.epsilons:
-        started = time.perf_counter()
-        r = row_for(settings, epsilon, generator, prefix, truth)
-        cells = [f"{r['epsilon_token']:g}", f"{r['typical_record_epsilon']:g}", f"{r['charged_record_epsilon']:g}",
-                 f"{r['with_dp_sgd']:.2f}", f"{r['leakage']:.3f}", r["canaries_read"], f"{r['teacher_accuracy']:.3f}"]
-        if args.students:  # the prompt budget must cover the charged per-record ε, or the sites refuse
-            cap = min(MAX_PROMPT_EPSILON, max(64.0, r["charged_record_epsilon"]))
-            cells.append(f"{student_accuracy(args.run, f'eps-{epsilon:g}', **{'token-epsilon': epsilon, 'prompt-epsilon': cap}):.3f}")
-        print("| " + " | ".join(cells) + f" |  ({time.perf_counter() - started:.1f}s)")
+    rows = []
+    for strategy in args.strategies:
+        for epsilon in args.epsilons:
+            started = time.perf_counter()
+            r = row_for(settings, epsilon, strategy, generator, prefix, truth, args.run)
+            cells = [strategy, f"{r['epsilon_token']:g}", f"{r['typical_record_epsilon']:g}",
+                     f"{r['charged_record_epsilon']:g}", f"{r['with_dp_sgd']:.2f}", f"{r['leakage']:.3f}",
+                     r["canaries_read"], f"{r['teacher_accuracy']:.3f}", f"{r['rationale_correct']:.3f}"]
+            if args.students:  # the prompt budget must cover the charged per-record ε, or the sites refuse
+                cap = min(MAX_PROMPT_EPSILON, max(64.0, r["charged_record_epsilon"]))
+                r["student_accuracy"] = student_accuracy(args.run, f"{strategy}-eps-{epsilon:g}", **{
+                    "token-epsilon": epsilon, "prompt-epsilon": cap, "privatiser": strategy})
+                cells.append(f"{r['student_accuracy']:.3f}")
+            r["seconds"] = round(time.perf_counter() - started, 1)
+            rows.append(r)
+            extra = f"; privatiser loss {r['privatiser_loss']}, empty rewrites {r['encoder_empty']}" \
+                if r["privatiser_loss"] else ""
+            print("| " + " | ".join(cells) + f" |  ({r['seconds']}s{extra})", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    if args.plot:
+        plot(rows, args.plot)
     print(f"public-only student base (no private training): accuracy {public_only_accuracy(settings):.3f}")
     if args.students:
         answer_only = student_accuracy(args.run, "answer-only", **{"rationale-weight": 0.0})

@@ -45,13 +45,18 @@ def pdss_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("pdss")
     generate_task(base / "task", n_clients=2, seed=5, public_records=160, train_per_client=24,
                   heldout_per_client=8, canaries_per_client=2)
+    return simulated_run(base, pdss_overrides(base / "task"), base / "task")
+
+
+def simulated_run(base: Path, overrides: dict, data: Path) -> dict:
+    """A pdss simulation in BASE/run with every site message captured in BASE/wire."""
     # One torch thread here and in the Ray actors (they read the environment when they start): tiny
     # models gain nothing from a second one, and on a busy 2-core machine OpenMP's spinning costs ~3x.
     threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        settings = prepare_run(RunSettings.from_toml(CONFIG, pdss_overrides(base / "task")), base / "run", False)
+        settings = prepare_run(RunSettings.from_toml(CONFIG, overrides), base / "run", False)
         state = simulate(settings, client_mods=(wire_capture_mod(base / "wire"),))
     finally:
         torch.set_num_threads(threads)
@@ -59,8 +64,17 @@ def pdss_run(tmp_path_factory):
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
             os.environ["OMP_NUM_THREADS"] = omp
-    return {"run": base / "run", "wire": base / "wire", "state": state, "data": base / "task",
-            "settings": settings}
+    return {"run": base / "run", "wire": base / "wire", "state": state, "data": data, "settings": settings}
+
+
+@pytest.fixture(scope="session")
+def pdss_encdec_run(pdss_run, tmp_path_factory):
+    """The same task, teacher and student base with privatiser = encoder-decoder (one student round)."""
+    settings = pdss_run["settings"]
+    return simulated_run(tmp_path_factory.mktemp("pdss-encdec"), pdss_overrides(
+        pdss_run["data"], privatiser="encoder-decoder", rounds=1, **{
+            "privatiser-steps": 16, "privatiser-max-new-tokens": 32, "teacher-dir": settings.pdss.teacher_dir,
+            "model-dir": settings.model_dir}), pdss_run["data"])
 
 
 def test_every_phase_completes_and_both_mechanisms_are_charged(pdss_run):
@@ -97,6 +111,7 @@ def test_exported_student_loads_and_its_card_states_both_mechanisms(pdss_run):
     assert card["privacy"]["epsilon"] == pytest.approx(max(lg.spent_epsilon() for lg in ledgers))
     kinds = [m["mechanism"] for m in card["privacy"]["mechanisms"]]
     assert any("exponential" in k for k in kinds) and any("DP-SGD" in k for k in kinds)
+    assert card["privacy"]["strategy"]["privatiser"] == "exponential"
     readme = (out / "README.md").read_text()
     assert f"{TOKEN_EPSILON:g}-DP per perturbed token" in readme and "DP-SGD" in readme
 
@@ -238,3 +253,44 @@ def test_a_resumed_run_reuses_prompts_and_replays_rounds_without_new_charges(pds
     assert state["phases"]["pdss-evaluation"]["accuracy"] == pdss_run["state"]["phases"]["pdss-evaluation"]["accuracy"]
     assert (run_dir / "adapters" / "round_2.safetensors").read_bytes() == \
         (original / "adapters" / "round_2.safetensors").read_bytes()
+
+
+def test_encoder_decoder_trains_one_shared_privatiser_and_charges_the_tokens_of_its_rewrites(pdss_encdec_run):
+    from client.dp_lora import Site
+    from client.pdss import cache_path
+    from client.pdss_privatiser import load_privatiser
+    from server.pipeline import phases_of
+
+    state, settings, run = pdss_encdec_run["state"], pdss_encdec_run["settings"], pdss_encdec_run["run"]
+    assert list(state["phases"]) == list(phases_of(settings)) and phases_of(settings)[0] == "pdss-privatiser"
+    trained = state["phases"]["pdss-privatiser"]["sites"]
+    assert len({s["privatiser"] for s in trained.values()}) == 1  # a function of public inputs only: one for all
+    assert sorted(s["cached"] for s in trained.values()) == [False, True]  # trained once, then reused
+    mechanism, tokenizer = build_mechanism(settings.model_dir, settings)
+    for path in ledger_paths(run / "ledgers"):
+        entries = PrivacyLedger.load(path).entries
+        assert [e["mechanism"] for e in entries] == ["pure-epsilon", "dp-sgd"]
+        questions = [r.question for r in load_task(pdss_encdec_run["data"] / path.stem / "train.jsonl")]
+        site = Site(path.stem, Path("unused"), Path("unused"), path, 1.0, Path(settings.model_dir))
+        rewrites = load_privatiser(site, settings, trained[path.stem]["privatiser"]).encode(questions)
+        k = [mechanism.tokens_perturbed(tokenizer.encode(w or q, add_special_tokens=False))
+             for w, q in zip(rewrites, questions)]
+        assert entries[0]["params"]["epsilon_per_record"] == TOKEN_EPSILON * max(k)
+        kept = json.loads(cache_path(path).read_text())["prompts"]
+        assert sorted(v["tokens_perturbed"] for v in kept.values()) == sorted(k)
+    assert 0.0 <= state["phases"]["pdss-evaluation"]["accuracy"] <= 1.0
+
+
+def test_no_encoder_decoder_site_message_holds_a_raw_prompt_answer_label_or_canary(pdss_encdec_run):
+    assert_no_private_text_left_the_sites(pdss_encdec_run, {"train.pdss_privatiser", "query.pdss_prompts",
+                                                            "train.pdss", "evaluate.pdss_student"})
+
+
+def test_the_encoder_decoder_card_states_the_strategy_and_what_it_guarantees(pdss_encdec_run):
+    out = pdss_encdec_run["run"] / "student"
+    card = json.loads((out / "privacy.json").read_text())
+    assert card["privacy"]["strategy"]["privatiser"] == "encoder-decoder"
+    assert card["settings"]["privatiser"] == "encoder-decoder"
+    readme = (out / "README.md").read_text()
+    assert "**Strategy: encoder-decoder**" in readme and "no guarantee of its own" in readme
+    assert "with respect to the encoder's output of n perturbed tokens" in readme
