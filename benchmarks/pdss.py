@@ -12,7 +12,8 @@ and the run's teacher answers them (server/rationales.py, greedy). Printed per �
 * the teacher's answer accuracy on those prompts (ε = ∞: the raw questions).
 
 * the rationale the student would train on is right (it states the computation that gives the
-  record's answer: "x op y = answer"): the teacher's (exponential) or the decoder's (encoder-decoder).
+  record's answer: "x op y = answer"): the teacher's (exponential) or the decoder's (encoder-decoder);
+  and, for encoder-decoder, the decoder's with the teacher's rationale blanked (what the teacher adds).
 
 ``--strategies exponential encoder-decoder`` adds rows for the encoder-decoder privatiser
 (client/pdss_privatiser.py): per ε its public examples are built with the run's teacher (as phase
@@ -84,7 +85,7 @@ def row_for(settings, epsilon: float, strategy: str, generator, prefix: str, tru
     settings = RunSettings.from_flat({**settings.to_run_config(), "token-epsilon": epsilon, "privatiser": strategy})
     p, data_dir = settings.pdss, Path(settings.data_dir)
     privatiser, info = trained_privatiser(settings, run, generator) if p.encoder_decoder else (None, {})
-    ok = right = total = empty = 0
+    ok = right = blind_right = total = empty = 0
     leaks, counts = [0, 0, 0], []
     for i in range(settings.clients):
         records = site_records(data_dir / f"client_{i}" / "train.jsonl", settings)
@@ -97,7 +98,10 @@ def row_for(settings, epsilon: float, strategy: str, generator, prefix: str, tru
         written = write_rationales(generator, prompts, prefix, p.teacher_max_new_tokens, p.teacher_batch_size)
         targets = [w.rationale for w in written]
         if privatiser:
-            targets = privatiser.decode(prompts, targets, [r.question for r in records])
+            raw = [r.question for r in records]
+            targets = privatiser.decode(prompts, targets, raw)
+            blind = privatiser.decode(prompts, [""] * len(raw), raw)  # what the teacher's rationale adds
+            blind_right += sum(right_computation(t, r.answer) for t, r in zip(blind, records))
         ok, total = ok + correct(records, [w.answer for w in written]), total + len(records)
         right += sum(right_computation(t, r.answer) for t, r in zip(targets, records))
         leaks = [a + b for a, b in zip(leaks, leakage_counts(truth, f"client_{i}", prompts))]
@@ -115,6 +119,7 @@ def row_for(settings, epsilon: float, strategy: str, generator, prefix: str, tru
             "charged_record_epsilon": charged, "median_tokens_perturbed": statistics.median(counts),
             "with_dp_sgd": composed, "leakage": leaks[0] / leaks[1], "canaries_read": f"{leaks[2]}/{len(truth['canaries'])}",
             "teacher_accuracy": ok / total, "rationale_correct": right / total, "encoder_empty": empty,
+            "decoded_without_teacher_correct": blind_right / total if privatiser else None,
             "privatiser_loss": [info.get("loss_first"), info.get("loss_last_10")] if info else None}
 
 
@@ -194,7 +199,7 @@ def main() -> None:
     prefix = few_shot_prefix(public_records(settings), settings.pdss.teacher_few_shot, settings.seed)
     print(f"machine: {platform.processor() or platform.machine()}, {platform.python_version()}; run {args.run}")
     header = ("strategy", "ε/token", "record ε (median)", "record ε (charged)", "+ DP-SGD", "leakage", "PINs read",
-              "teacher acc", "rationale right") + (("student acc",) if args.students else ())
+              "teacher acc", "rationale right", "decoded w/o teacher") + (("student acc",) if args.students else ())
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     rows = []
     for strategy in args.strategies:
@@ -203,7 +208,8 @@ def main() -> None:
             r = row_for(settings, epsilon, strategy, generator, prefix, truth, args.run)
             cells = [strategy, f"{r['epsilon_token']:g}", f"{r['typical_record_epsilon']:g}",
                      f"{r['charged_record_epsilon']:g}", f"{r['with_dp_sgd']:.2f}", f"{r['leakage']:.3f}",
-                     r["canaries_read"], f"{r['teacher_accuracy']:.3f}", f"{r['rationale_correct']:.3f}"]
+                     r["canaries_read"], f"{r['teacher_accuracy']:.3f}", f"{r['rationale_correct']:.3f}",
+                     "–" if r["decoded_without_teacher_correct"] is None else f"{r['decoded_without_teacher_correct']:.3f}"]
             if args.students:  # the prompt budget must cover the charged per-record ε, or the sites refuse
                 cap = min(MAX_PROMPT_EPSILON, max(64.0, r["charged_record_epsilon"]))
                 r["student_accuracy"] = student_accuracy(args.run, f"{strategy}-eps-{epsilon:g}", **{

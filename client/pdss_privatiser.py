@@ -116,13 +116,12 @@ def train_privatiser(examples: list[PrivatiserExample], base_dir, settings, out_
     from common.models.build import build_model
 
     p = settings.pdss
-    torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = build_model(base_dir).train()
     data = training_rows(examples, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.privatiser_learning_rate, weight_decay=0.0)
     history = []
-    while len(history) < p.privatiser_steps:
+    while len(history) < p.privatiser_steps:  # epochs of shuffled batches under the run's seed
         loader = DataLoader(data, batch_size=p.privatiser_batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(settings.seed + len(history)))
         for batch in loader:
