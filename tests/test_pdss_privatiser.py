@@ -115,3 +115,24 @@ def test_a_bad_privatiser_is_a_one_line_config_error(task):
         pdss_settings(task, privatiser="rnn")
     with pytest.raises(ConfigError, match="^privatiser-steps must be ≥ 1"):
         pdss_settings(task, **{"privatiser-steps": 0})
+
+
+def test_the_student_trains_on_the_decoders_rationales_and_needs_what_the_site_sent(task, tmp_path):
+    from client.pdss_student import train_round
+    from server.server_app import initial_adapter
+
+    settings = settings_for(task, **{"rounds": 1, "local-steps": 1, "batch-size": 4, "max-length": 48})
+    site = pdss_site(task, tmp_path / "ledgers" / "client_0.json", 200.0)
+    digest, _ = ensure_privatiser(site, settings, public_examples(task, settings))
+    prompts, _, _ = release_prompts(site, settings, "run", privatiser=digest)
+    questions = [json.loads(x)["question"] for x in site.train_path.read_text().splitlines()]
+    teacher = [""] * len(prompts)  # the decoder writes a rationale even where the teacher wrote none
+    decoded = load_privatiser(site, settings, digest).decode(prompts, teacher, questions)
+    start = initial_adapter(settings)
+    _, metrics, refusal = train_round(site, settings, "run", 1, teacher, start, prompts=prompts, privatiser=digest)
+    empty = sum(not d.strip() for d in decoded)
+    assert refusal == ("" if empty < len(decoded) else "no record has a usable rationale; nothing to train on")
+    assert metrics["decoder-empty"] == metrics["skipped-records"] == empty
+    assert metrics["num-examples"] == len(decoded) - empty
+    _, _, refusal = train_round(site, settings, "run", 1, teacher, start)  # no sent prompts, no privatiser
+    assert refusal.startswith("privatiser = encoder-decoder needs this site's sent prompts")
