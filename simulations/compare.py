@@ -167,6 +167,7 @@ def load_comparison(path: str | Path, overrides: dict | None = None) -> Comparis
             run_values[key] = value
     compare = CompareSettings(**compare_values)
     compare.out_dir = str(Path(compare.out_dir).resolve())  # runs record absolute paths: any later cwd finds them
+    compare.task_config = str(Path(compare.task_config).resolve())  # like out-dir: relative to where it runs
     if "epsilons" in compare_values and not isinstance(compare.epsilons, list):
         compare.epsilons = [compare.epsilons]
     compare.validate()
