@@ -103,6 +103,9 @@ def release_prompts(site, settings, run_name: str, seed: int | None = None,
     and charges the rewrite. ``seed`` only for tests; a site's mechanism draws from the OS RNG.
     """
     records = site_records(site.train_path, settings)
+    if settings.pdss.answer_only:  # no rationale is wanted, so nothing is perturbed, charged or sent
+        return [], {"records": len(records), "cached": 0, "perturbed-now": 0, "epsilon-charged": 0.0,
+                    "epsilon-per-record": 0.0}, ""
     ledger = site_ledger(site, settings, len(records))
     mechanism, tokenizer = build_mechanism(site.model_dir, settings, seed)
     epsilon = settings.pdss.token_epsilon

@@ -52,7 +52,8 @@ def multitask_rows(pairs: list[tuple[str, str, str]], tokenizer, alpha: float, m
     rows, weights = [], []
     for question, answer, rationale in pairs:
         ids, w = [], []
-        for prefix, target, share in ((PREDICT, answer, 1.0 - alpha), (EXPLAIN, rationale, alpha)):
+        tasks = ((PREDICT, answer, 1.0 - alpha), (EXPLAIN, rationale, alpha))
+        for prefix, target, share in tasks[:1] if alpha == 0 else tasks:  # α = 0: the answer task alone
             context = tokenizer.encode(f"{prefix}{question}\n", add_special_tokens=False)
             goal = tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
             ids += context + goal
@@ -76,8 +77,11 @@ def record_loss(model, input_ids, mask, weights) -> torch.Tensor:
     return (losses * weights).sum(1)
 
 
-def usable(records, rationales: list[str]) -> tuple[list[tuple[str, str, str]], int]:
-    """(training triples, records skipped because the teacher's rationale was empty/unparseable)."""
+def usable(records, rationales: list[str], answer_only: bool = False) -> tuple[list[tuple[str, str, str]], int]:
+    """(training triples, records skipped because the teacher's rationale was empty/unparseable).
+    ``answer_only``: no rationale was asked for, and every record trains the answer task."""
+    if answer_only:
+        return [(r.question, r.answer, "") for r in records], 0
     pairs = [(r.question, r.answer, why) for r, why in zip(records, rationales) if why.strip()]
     return pairs, len(records) - len(pairs)
 
@@ -110,7 +114,7 @@ def train_round(site, settings, run_name: str, server_round: int, rationales: li
     """
     cfg, p = settings.dp, settings.pdss
     records = site_records(site.train_path, settings)
-    if len(rationales) != len(records):
+    if len(rationales) != len(records) and not p.answer_only:
         return {}, {}, f"{len(rationales)} rationales for {len(records)} records: the server's list is not this site's"
     decoded = {}
     if p.encoder_decoder:
@@ -118,14 +122,15 @@ def train_round(site, settings, run_name: str, server_round: int, rationales: li
             return {}, {}, "privatiser = encoder-decoder needs this site's sent prompts and its privatiser's digest"
         rationales = decoded_rationales(site, settings, records, prompts, rationales, privatiser)
         decoded = {"decoder-empty": sum(not r.strip() for r in rationales)}
-    pairs, skipped = usable(records, rationales)
+    pairs, skipped = usable(records, rationales, p.answer_only)
     metrics = {"num-examples": len(pairs), "skipped-records": skipped, "train-loss": float("nan"), "refused": 0,
                "replayed": 0, **decoded}
     if not pairs:
         return {}, {**metrics, "refused": 1}, "no record has a usable rationale; nothing to train on"
-    private = p.student_training == "dp-sgd"
+    federated = p.student_training == "dp-sgd"
+    private = federated and cfg.private  # private = false: the ε = ∞ baseline, federated without DP
     local = kept_model_path(site)
-    if not private and server_round > 1 and local.is_file():
+    if not federated and server_round > 1 and local.is_file():
         global_adapter = load_release(local)[0]  # local-only: continue from the site's own model
     ledger = site_ledger(site, settings, len(records))
     charge_id, release = f"{run_name}/pdss-round-{server_round}", local.with_name(f"{run_name}-pdss-round-{server_round}.safetensors")
@@ -167,6 +172,8 @@ def train_round(site, settings, run_name: str, server_round: int, rationales: li
         save_release(release, adapter, metrics)  # kept first: a repeated request re-sends it
         ledger.release(charge_id)
         metrics["epsilon-spent"] = ledger.spent_epsilon()
+        return adapter, metrics, ""
+    if federated:
         return adapter, metrics, ""
     save_release(local, adapter, metrics)
     return {}, {**metrics, "local-only": 1}, ""

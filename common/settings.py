@@ -304,8 +304,15 @@ class PDSSSettings:
         return math.isfinite(self.token_epsilon)
 
     @property
+    def answer_only(self) -> bool:
+        """rationale-weight 0: the student never reads a rationale, so no prompt leaves a site
+        (sending one would spend ε for nothing); the DP-SGD baseline of distilling step by step."""
+        return self.rationale_weight == 0
+
+    @property
     def encoder_decoder(self) -> bool:
-        return self.privatiser == "encoder-decoder"
+        """The encoder-decoder privatiser is in use (answer-only sends no prompt: nothing to privatise)."""
+        return self.privatiser == "encoder-decoder" and not self.answer_only
 
 
 def unknown_key_message(key: str, known, what: str = "setting") -> str:
@@ -525,8 +532,9 @@ class RunSettings:
         sum bounds their composition from above, so the planned run always fits. A dp-opd
         student of a DP teacher adds its ε to the teacher run's budget (the same ledgers)."""
         if self.mode == "pdss":
-            student = self.dp.epsilon if self.pdss.student_training == "dp-sgd" else 0.0
-            return student + (self.pdss.prompt_epsilon if self.pdss.perturbs else 0.0) or self.dp.epsilon
+            student = self.dp.epsilon if self.pdss.student_training == "dp-sgd" and self.dp.private else 0.0
+            prompts = self.pdss.prompt_epsilon if self.pdss.perturbs and not self.pdss.answer_only else 0.0
+            return student + prompts or self.dp.epsilon
         own = self.dp.epsilon + (self.synthesis.histogram_epsilon if self.uses_label_histogram else 0.0)
         teacher = self.teacher_run()
         return own + (teacher.site_budget() if teacher else 0.0)

@@ -29,22 +29,26 @@ def privacy_document(run_dir, settings, phases: dict) -> dict:
                       "accountant": ledger.accountant, "budget": ledger.epsilon_budget,
                       "prompt_epsilon_per_record": max((e["params"]["epsilon_per_record"] for e in prompts), default=0.0),
                       "dp_sgd_rounds": sum(e["mechanism"] == "dp-sgd" for e in entries)})
+    mechanisms = []
+    if not p.answer_only:
+        mechanisms.append({
+            "mechanism": "token-level exponential mechanism on each prompt (local, once per record)",
+            "epsilon_token": p.token_epsilon, "utility": p.perturb_utility, "output_set": p.perturb_output_set,
+            "candidates": p.perturb_candidates, "guarantee": guarantee(p.token_epsilon, p.perturb_candidates, p.perturb_knn),
+            "charged": "ε_token × tokens perturbed per record" + (" (of the encoder's rewrite)" if p.encoder_decoder
+                                                                   else "") +
+                       "; records disjoint, so the pass costs the largest"})
+    if settings.dp.private:
+        mechanisms.append({"mechanism": "DP-SGD (Poisson-subsampled Gaussian) on each site's LoRA student",
+                           "rounds": settings.rounds, "epsilon_target": settings.dp.epsilon,
+                           "max_grad_norm": settings.dp.max_grad_norm})
+    private = settings.dp.private and (p.perturbs or p.answer_only)
     return {
         "format": "privdistill-privacy", "version": 1, "model": "student", "method": "pdss", "run": settings.name,
         "privacy": {
-            "epsilon": max((s["epsilon"] for s in sites), default=0.0) if p.perturbs else math.inf,
+            "epsilon": max((s["epsilon"] for s in sites), default=0.0) if private else math.inf,
             "delta": max((s["delta"] for s in sites), default=None),
-            "mechanisms": [
-                {"mechanism": "token-level exponential mechanism on each prompt (local, once per record)",
-                 "epsilon_token": p.token_epsilon, "utility": p.perturb_utility, "output_set": p.perturb_output_set,
-                 "candidates": p.perturb_candidates, "guarantee": guarantee(p.token_epsilon, p.perturb_candidates,
-                                                                              p.perturb_knn),
-                 "charged": "ε_token × tokens perturbed per record" + (" (of the encoder's rewrite)" if p.encoder_decoder
-                                                                        else "") +
-                            "; records disjoint, so the pass costs the largest"},
-                {"mechanism": "DP-SGD (Poisson-subsampled Gaussian) on each site's LoRA student", "rounds": settings.rounds,
-                 "epsilon_target": settings.dp.epsilon, "max_grad_norm": settings.dp.max_grad_norm},
-            ],
+            "mechanisms": mechanisms,
             "strategy": strategy_of(p),
             "composition": "Each site's ledger composes both with dp-accounting's PLD accountant (the pure-ε pass as an "
                            "ε-DP event); the student's ε is the largest site's",
@@ -60,6 +64,8 @@ def privacy_document(run_dir, settings, phases: dict) -> dict:
 
 def strategy_of(p) -> dict:
     """The privatisation strategy, as the card states it."""
+    if p.answer_only:
+        return {"privatiser": "none", "statement": "answer-only: no prompt leaves a site, so nothing is privatised"}
     if not p.encoder_decoder:
         return {"privatiser": "exponential", "statement": "each question is perturbed by the mechanism as it is"}
     return {"privatiser": "encoder-decoder", "statement": (
@@ -72,13 +78,16 @@ def strategy_of(p) -> dict:
 
 def model_card(doc: dict) -> str:
     priv = doc["privacy"]
-    eps = "∞ (prompts sent unperturbed)" if not math.isfinite(priv["epsilon"]) else f"{priv['epsilon']:.3f}"
+    eps = "∞ (prompts sent unperturbed or the student trained without DP)" if not math.isfinite(priv["epsilon"]) \
+        else f"{priv['epsilon']:.3f}"
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
              "tags: [differential-privacy, distilling-step-by-step, federated-learning, privdistill, pdss]", "---", "",
              f"# privdistill pdss student (run `{doc['run']}`)", "",
              f"A small causal LM trained step by step (`predict:` → answer, `explain:` → rationale) at each site on "
              f"rationales a server teacher wrote for perturbed prompts, federated with FedAvg. **Privacy: ε = {eps}, "
-             f"δ = {priv['delta']}** per site (record level), composing two mechanisms:", ""]
+             f"δ = {priv['delta']}** per site (record level), from "
+             + {0: "no DP mechanism (a non-private baseline).", 1: "one mechanism:"}.get(len(priv["mechanisms"]),
+                                                                                  "two mechanisms, composed:"), ""]
     for m in priv["mechanisms"]:
         lines.append(f"- **{m['mechanism']}**" + (f": {m['guarantee']}; charged {m['charged']}." if "guarantee" in m
                                                    else f": {m['rounds']} rounds, ε target {m['epsilon_target']}."))

@@ -35,6 +35,7 @@ from pathlib import Path
 from common.atomic import atomic_write_json, json_safe
 from common.errors import ConfigError
 from common.settings import RunSettings, flatten_tables, read_toml, unknown_key_message
+from simulations import compare_task
 
 # method → the run it is read from, and what it reads there (see the module docstring).
 METHODS = {
@@ -45,10 +46,13 @@ METHODS = {
     "dpkd": ("dpkd", "student"),
     "nonprivate-kd": ("kd", "student"),   # always at ε = ∞
     "dp-opd": ("opd", "student"),
+    # read on the task (simulations/compare_task.py): answer accuracy, not perplexity
+    "pdss": ("pdss", "student"),
+    "pdss-answer-only": ("pdss-answer-only", "student"),
 }
 FIXED_EPSILON = {"nonprivate-kd": math.inf}
 TEACHER_RUN = "<the cell's own teacher run>"  # dpkd: filled in once that run has finished
-NEEDS_MODE = {"dpkd": "dp-opd", "dp-opd": "dp-opd"}  # methods that need a pipeline mode to exist
+NEEDS_MODE = {"dpkd": "dp-opd", "dp-opd": "dp-opd", "pdss": "pdss", "pdss-answer-only": "pdss"}  # methods that need a pipeline mode to exist
 
 
 @dataclass
@@ -70,6 +74,9 @@ class CompareSettings:
     heldout_per_client: int = 50
     leakage_records: int = 150          # members and non-members scored per cell
     leakage_candidates: int = 200       # exposure: candidates per canary
+    task_config: str = "simulations/configs/pdss.toml"  # the pdss rows' task, models and pdss settings
+    prompt_share: float = 0.5           # pdss: share of ε for the prompts (the rest: the student's DP-SGD)
+    prompt_tokens: int = 12             # pdss: public bound on a prompt's perturbed tokens (ε_token = share·ε / it)
 
     def validate(self) -> None:
         if not self.methods:
@@ -88,7 +95,13 @@ class CompareSettings:
             raise ConfigError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
         if not 0 < self.histogram_share < 0.5:
             raise ConfigError(f"histogram-share must be in (0, 0.5), got {self.histogram_share}")
-        for name in ("teacher_warmup_steps", "student_warmup_steps", "leakage_records", "leakage_candidates"):
+        if not 0 < self.prompt_share < 1:
+            raise ConfigError(f"prompt-share must be in (0, 1), got {self.prompt_share}")
+        if any(compare_task.is_task_method(m) for m in self.methods) and not Path(self.task_config).is_file():
+            raise ConfigError(f"task-config {self.task_config} not found: the pdss rows need a pdss config "
+                              "(e.g. simulations/configs/pdss.toml)")
+        for name in ("teacher_warmup_steps", "student_warmup_steps", "leakage_records", "leakage_candidates",
+                     "prompt_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
 
@@ -154,6 +167,7 @@ def load_comparison(path: str | Path, overrides: dict | None = None) -> Comparis
             run_values[key] = value
     compare = CompareSettings(**compare_values)
     compare.out_dir = str(Path(compare.out_dir).resolve())  # runs record absolute paths: any later cwd finds them
+    compare.task_config = str(Path(compare.task_config).resolve())  # like out-dir: relative to where it runs
     if "epsilons" in compare_values and not isinstance(compare.epsilons, list):
         compare.epsilons = [compare.epsilons]
     compare.validate()
@@ -181,6 +195,8 @@ def cell_runs(comparison: Comparison, cell: Cell, bases: Path) -> list[dict]:
               "data-dir": comparison.run_values.get("data-dir") or str(comparison.out / "corpus")}
     teacher_dir, student_dir = str(bases / "teacher"), str(bases / "student")
     name = cell.run_key
+    if compare_task.is_task_method(cell.method):
+        return [compare_task.cell_values(comparison, cell, bases)]
     if kind in ("kd", "hard"):
         values = {**shared, "name": name.replace("hard_", "kd_"), "mode": "distildp", "model-dir": teacher_dir,
                   "student": student_dir, **_eps_values(cell.epsilon)}
@@ -236,6 +252,8 @@ def check_data(comparison: Comparison) -> None:
                           "control-codes) but label-field is not set; set label-field to the data's label column "
                           "or prompt-source = bos")
     probe.check_paths()  # every site's files, and the label field in every record
+    if any(compare_task.is_task_method(m) for m in comparison.compare.methods):
+        compare_task.check_task_data(comparison)
 
 
 # ---------------------------------------------------------------------------- running
@@ -282,6 +300,8 @@ def prepare_bases(comparison: Comparison, console=None) -> Path:
     # Said now, not after the teacher's rounds: every distillation compares token distributions.
     check_same_tokenizer(AutoTokenizer.from_pretrained(bases / "teacher"), AutoTokenizer.from_pretrained(bases / "student"),
                          c.teacher_model, c.student_model)
+    if any(compare_task.is_task_method(m) for m in c.methods):
+        compare_task.prepare_task_bases(comparison, bases, console)
     return bases
 
 
@@ -298,7 +318,8 @@ def run_cell(comparison: Comparison, cell: Cell, bases: Path, console=None) -> d
         if values.get("opd-teacher") == TEACHER_RUN:  # its charges compose with the teacher's in the same ledgers
             values["opd-teacher"] = str(run_dirs[-1].resolve())
         run_dirs.append(_run_pipeline(comparison, cell, values, bases, console))
-    figures = compare_cells.figures(cell, run_dirs[-1], comparison, bases)
+    figures = compare_task.figures(run_dirs[-1]) if compare_task.is_task_method(cell.method) \
+        else compare_cells.figures(cell, run_dirs[-1], comparison, bases)
     figures.update({"method": cell.method, "epsilon_target": cell.epsilon, "seed": cell.seed,
                     "runs": [str(p) for p in run_dirs], "compare_seconds": round(time.monotonic() - started, 1)})
     cell_file.parent.mkdir(parents=True, exist_ok=True)
@@ -355,6 +376,8 @@ def run_comparison(comparison: Comparison, console=None, report_only: bool = Fal
     from simulations import compare_cells
 
     floor = compare_cells.floor_figures(comparison, bases, console)
+    if any(compare_task.is_task_method(m) for m in comparison.compare.methods) or report_only:
+        floor = {**floor, **compare_task.floor_figures(comparison, bases, console)}
     if report_only:
         results = [json.loads(p.read_text()) for p in sorted((comparison.out / "cells").glob("*_seed*.json"))]
     else:

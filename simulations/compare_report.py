@@ -9,6 +9,11 @@ from pathlib import Path
 from common.atomic import atomic_write_bytes, atomic_write_json, json_safe
 
 COLUMNS = ("heldout_perplexity", "public_perplexity", "mia_auc_loss", "mia_auc_min_k", "exposure_16")
+TASK_COLUMNS = ("accuracy", "teacher_accuracy_seen", "leakage", "canaries_read_back")  # the pdss rows (on the task)
+
+
+def is_task_row(row: dict) -> bool:
+    return "accuracy" in row
 
 
 def _num(x) -> float:
@@ -29,7 +34,7 @@ def aggregate(cells: list[dict]) -> list[dict]:
                "epsilon": max(_num(c["epsilon"]) for c in group),
                "delta": max((_num(c["delta"]) for c in group if c.get("delta") is not None), default=None),
                "wall_seconds": statistics.mean(_num(c["wall_seconds"]) for c in group)}
-        for column in COLUMNS:
+        for column in TASK_COLUMNS if "accuracy" in group[0] else COLUMNS:
             values = [_num(c.get(column)) for c in group if c.get(column) is not None]
             row[column] = statistics.mean(values) if values else math.nan
             row[column + "_spread"] = (max(values) - min(values)) if len(values) > 1 else None
@@ -39,6 +44,7 @@ def aggregate(cells: list[dict]) -> list[dict]:
 
 def gap_closed(rows: list[dict]) -> dict:
     """Per finite ε: (PPL_dp-sgd-student − PPL_best private) / (PPL_dp-sgd-student − PPL_nonprivate-kd)."""
+    rows = [r for r in rows if not is_task_row(r)]
     upper = next((r["heldout_perplexity"] for r in rows if r["method"] == "nonprivate-kd"), None)
     out = {}
     for eps in sorted({r["epsilon_target"] for r in rows if math.isfinite(r["epsilon_target"])}):
@@ -74,6 +80,8 @@ def markdown(document: dict, rows: list[dict], gaps: dict) -> str:
              "| method | ε target | ε (ledgers) | δ | params | held-out ppl | public ppl | MIA AUC loss | "
              "MIA AUC min-k | exposure 16× (bits) | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {name: i for i, name in enumerate(c["methods"])}
+    task_rows = sorted((r for r in rows if is_task_row(r)), key=lambda r: (order.get(r["method"], 99), r["epsilon_target"]))
+    rows = [r for r in rows if not is_task_row(r)]
     for r in sorted(rows, key=lambda r: (order.get(r["method"], 99), r["epsilon_target"])):
         lines.append(f"| {r['method']} | {_fmt(r['epsilon_target'], digits=0)} | {_fmt(r['epsilon'])} | "
                      f"{_delta(r['delta'])} | "
@@ -82,6 +90,8 @@ def markdown(document: dict, rows: list[dict], gaps: dict) -> str:
                      f"{_fmt(r['mia_auc_min_k'], None, 3)} | {_fmt(r['exposure_16'], r['exposure_16_spread'])} | "
                      f"{_fmt(r['wall_seconds'], digits=0)} |")
     for role, f in (document.get("floor") or {}).items():
+        if role == "task-student":
+            continue
         lines.append(f"| public {role} (floor) | 0 | 0 | – | {f['parameters']:,} | {_fmt(f.get('heldout_perplexity'))} | "
                      f"{_fmt(f['public_perplexity'])} | "
                      f"{_fmt(f['mia_auc_loss'], None, 3)} | {_fmt(f['mia_auc_min_k'], None, 3)} | "
@@ -91,6 +101,8 @@ def markdown(document: dict, rows: list[dict], gaps: dict) -> str:
               "MIA: members = the sites' training records, non-members = their held-out records (0.5 = chance). "
               "Exposure: mean over the canaries planted 16 times (higher = more memorised); the floor rows are the "
               "public base models, which never saw a private record."]
+    if task_rows:
+        lines += task_markdown(task_rows, (document.get("floor") or {}).get("task-student"), c)
     if gaps:
         lines += ["", "Gap closed by the best private student, (PPL_dp-sgd-student − PPL_best) / "
                       "(PPL_dp-sgd-student − PPL_nonprivate-kd):", ""]
@@ -101,15 +113,40 @@ def markdown(document: dict, rows: list[dict], gaps: dict) -> str:
     return "\n".join(lines)
 
 
+def task_markdown(rows: list[dict], floor: dict | None, c: dict) -> list[str]:
+    """The pdss rows: the task's own table (answer accuracy; leakage of what the sites sent)."""
+    lines = ["", f"On the task ({c['task_config']}; pdss: {c['prompt_share']:.0%} of ε for the prompts, ε_token = "
+             f"that / {c['prompt_tokens']} tokens, the rest for DP-SGD; answer-only: no prompt is sent, all of ε "
+             "for DP-SGD):", "",
+             "| method | ε target | ε (ledgers) | δ | params | held-out accuracy | teacher accuracy on what it saw | "
+             "leakage (private tokens sent) | canary PINs read back | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {_fmt(r['epsilon_target'], digits=0)} | {_fmt(r['epsilon'])} | "
+                     f"{_delta(r['delta'])} | {r['parameters']:,} | {_fmt(r['accuracy'], r['accuracy_spread'], 3)} | "
+                     f"{_fmt(r['teacher_accuracy_seen'], None, 3)} | {_fmt(r['leakage'], None, 3)} | "
+                     f"{_fmt(r['canaries_read_back'], None, 1)} | {_fmt(r['wall_seconds'], digits=0)} |")
+    if floor:
+        lines.append(f"| public task student (floor) | 0 | 0 | – | {floor['parameters']:,} | "
+                     f"{_fmt(floor['accuracy'], None, 3)} | – | 0 | 0 | – |")
+    lines += ["", "Accuracy: exact match after normalisation on every site's held-out questions, weighted by "
+              "records. Leakage: the share of the prompts' private tokens (names, amounts, PIN digits) still in "
+              "what the server saw (answer-only sends none)."]
+    return lines
+
+
 def plot(rows: list[dict], floor: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epsilons = sorted({r["epsilon_target"] for r in rows})
+    task_rows = [r for r in rows if is_task_row(r)]
+    rows = [r for r in rows if not is_task_row(r)]
+    epsilons = sorted({r["epsilon_target"] for r in rows + task_rows})
     position = {e: i for i, e in enumerate(epsilons)}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3 if task_rows else 2, figsize=(16 if task_rows else 11, 4.2))
+    left, right = axes[0], axes[1]
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["epsilon_target"])
         xs = [position[r["epsilon_target"]] for r in mine]
@@ -118,14 +155,28 @@ def plot(rows: list[dict], floor: dict, path: Path) -> None:
                       label=method)
         right.plot(xs, [r["mia_auc_loss"] for r in mine], marker="o", label=method)
     for role, f in (floor or {}).items():
+        if role == "task-student":
+            continue
         if f.get("heldout_perplexity") is not None:
             left.axhline(f["heldout_perplexity"], linestyle=":", color="grey" if role == "teacher" else "black",
                          label=f"public {role} (no private data)")
         right.axhline(f["mia_auc_loss"], linestyle=":", color="grey" if role == "teacher" else "black",
                       label=f"public {role} (floor)")
     labels = ["∞" if math.isinf(e) else f"{e:g}" for e in epsilons]
-    for ax, title, ylabel in ((left, "utility", "held-out perplexity (lower is better)"),
-                              (right, "leakage", "MIA AUC, loss attack (0.5 = chance)")):
+    panels = [(left, "utility", "held-out perplexity (lower is better)"),
+              (right, "leakage", "MIA AUC, loss attack (0.5 = chance)")]
+    if task_rows:
+        task = axes[2]
+        for method in dict.fromkeys(r["method"] for r in task_rows):
+            mine = sorted((r for r in task_rows if r["method"] == method), key=lambda r: r["epsilon_target"])
+            task.errorbar([position[r["epsilon_target"]] for r in mine], [r["accuracy"] for r in mine],
+                          yerr=[(r["accuracy_spread"] or 0) / 2 for r in mine], marker="o", capsize=3, label=method)
+        if floor.get("task-student"):
+            task.axhline(floor["task-student"]["accuracy"], linestyle=":", color="black",
+                         label="public task student (no private data)")
+        task.legend(fontsize=8)
+        panels.append((task, "pdss (on the task)", "held-out answer accuracy (higher is better)"))
+    for ax, title, ylabel in panels:
         ax.set_xticks(range(len(epsilons)), labels)
         ax.set_xlabel("ε per site")
         ax.set_ylabel(ylabel)

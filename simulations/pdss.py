@@ -63,10 +63,12 @@ def pdss_metrics(settings) -> dict:
         raw_ok += correct(records, [a.answer for a in raw])
         perturbed_ok += correct(records, [b["answer"] for b in written[client]])
         total += len(records)
-        if truth is not None:
+        if truth is not None and site["prompts"]:  # answer-only sites send none: nothing can leak
             leaks = [a + b for a, b in zip(leaks, leakage_counts(truth, client, site["prompts"]))]
-    metrics = {"teacher_accuracy_raw": raw_ok / total, "teacher_accuracy_perturbed": perturbed_ok / total,
-               "prompts": total, "leakage": leaks[0] / leaks[1] if leaks[1] else None,
+    sent = not p.answer_only
+    metrics = {"teacher_accuracy_raw": raw_ok / total,
+               "teacher_accuracy_perturbed": perturbed_ok / total if sent else None,
+               "prompts": total if sent else 0, "leakage": leaks[0] / leaks[1] if leaks[1] else (None if sent else 0.0),
                "canaries": len(truth["canaries"]) if truth else 0, "canaries_read_back": leaks[2]}
     (run_dir / "pdss" / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

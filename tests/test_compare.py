@@ -22,9 +22,26 @@ from simulations.compare import load_comparison, run_comparison
 CONFIG = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "compare.toml"
 
 
+def task_config(root) -> Path:
+    """A tiny pdss config on a generated task (2 sites × 24 word problems) for the task rows."""
+    from common.data.arithmetic import generate_task
+
+    path = root / "pdss-task.toml"
+    if not path.is_file():
+        generate_task(root / "task", n_clients=2, seed=5, public_records=160, train_per_client=24,
+                      heldout_per_client=8, canaries_per_client=2)
+        values = {"name": "pdss", "mode": "pdss", "clients": 2, "rounds": 1, "min-clients": 2, "local-steps": 2,
+                  "batch-size": 8, "max-length": 48, "data-dir": str(root / "task"), "generate-data": False,
+                  "warmup-spec": "tiny-gpt2", "warmup-steps": 24, "student-warmup-steps": 8,
+                  "teacher-max-new-tokens": 12, "round-timeout": 900.0}
+        path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    return path
+
+
 def tiny(root, out, **changes) -> dict:
     """3 sites × 1 round on the session corpus (a user's directory), its teacher as a user's model."""
     return {"methods": ["distildp"], "out-dir": str(out), "data-dir": str(root / "corpus"), "generate-data": False,
+            "task-config": str(task_config(root)), "prompt-tokens": 16,
             "teacher-model": str(root / "teacher"), "student-model": "tiny-gpt2", "student-warmup-steps": 20,
             "epsilons": [8.0], "seeds": [0], "clients": 3, "rounds": 1, "min-clients": 2, "local-steps": 3,
             "synthetic-records": 48, "gen-max-new-tokens": 32, "shard-size": 24, "distill-steps": 10,
@@ -49,7 +66,7 @@ def comparison(fed_root, tmp_path_factory):
            "kd_charges": _charges(out / "runs" / "kd_eps8_seed0"),
            "kd_checkpoint": json.loads((out / "runs" / "kd_eps8_seed0" / "distill" / "checkpoint.json").read_text())}
     resumed = load_comparison(CONFIG, tiny(fed_root, out, methods=["dp-sgd-student", "distildp", "synthetic-hard",
-                                                                   "dpkd"]))
+                                                                   "dpkd", "pdss", "pdss-answer-only"]))
     document = run_comparison(resumed)
     return {"out": out, "cut": cut, "document": document}
 
@@ -57,7 +74,7 @@ def comparison(fed_root, tmp_path_factory):
 def test_every_cell_has_finite_figures_and_the_ledgers_epsilon(comparison):
     out = comparison["out"]
     saved = json.loads((out / "compare.json").read_text())
-    cells = {c["method"]: c for c in saved["cells"]}
+    cells = {c["method"]: c for c in saved["cells"] if "accuracy" not in c}
     assert set(cells) == {"dp-sgd-student", "distildp", "synthetic-hard", "dpkd"}
     for method, cell in cells.items():
         for key in ("heldout_perplexity", "public_perplexity", "mia_auc_loss", "mia_auc_min_k", "exposure_16",
@@ -149,3 +166,23 @@ def test_the_dpkd_row_composes_a_teacher_and_a_student_charge_within_the_target(
     assert cell["epsilon"] == pytest.approx(max(PrivacyLedger.load(p).spent_epsilon()
                                                 for p in ledger_paths(teacher_run / "ledgers")))
     assert 4.0 < cell["epsilon"] <= 8.0
+
+
+def test_the_pdss_rows_are_read_on_the_task_at_the_same_epsilon(comparison):
+    out = comparison["out"]
+    cells = {c["method"]: c for c in json.loads((out / "compare.json").read_text())["cells"] if "accuracy" in c}
+    assert set(cells) == {"pdss", "pdss-answer-only"}
+    for method, cell in cells.items():
+        assert 0.0 <= cell["accuracy"] <= 1.0 and len(cell["accuracy_sites"]) == 2, method
+        assert 0 < cell["epsilon"] <= 8.0 + 1e-9 and cell["parameters"] > 0, method
+        ledgers = [PrivacyLedger.load(p) for p in ledger_paths(Path(cell["runs"][0]) / "ledgers")]
+        assert cell["epsilon"] == pytest.approx(max(l.spent_epsilon() for l in ledgers))
+        kinds = {tuple(e["mechanism"] for e in l.entries) for l in ledgers}
+        # pdss: half of ε for the prompts (ε_token = 4 / 16 tokens), half for DP-SGD; answer-only: DP-SGD alone
+        assert kinds == ({("pure-epsilon", "dp-sgd")} if method == "pdss" else {("dp-sgd",)}), method
+    assert cells["pdss"]["token_epsilon"] == pytest.approx(0.25)
+    assert 0.0 <= cells["pdss"]["leakage"] <= 1.0 and cells["pdss-answer-only"]["leakage"] == 0.0
+    prompts = json.loads((Path(cells["pdss-answer-only"]["runs"][0]) / "pdss" / "prompts.json").read_text())
+    assert all(site["prompts"] == [] for site in prompts["sites"].values())  # nothing left the sites but updates
+    table = (out / "compare.md").read_text()
+    assert "| pdss | 8 |" in table and "| pdss-answer-only | 8 |" in table and "public task student (floor)" in table

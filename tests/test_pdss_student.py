@@ -100,3 +100,26 @@ def test_a_round_the_budget_cannot_pay_is_refused_before_training(task, tmp_path
                                             initial_adapter(settings))
     assert adapter == {} and metrics["refused"] == 1 and "over the budget" in refusal
     assert PrivacyLedger.load(site.ledger_path).entries == []
+
+
+def test_answer_only_sends_no_prompt_and_trains_the_answer_task_alone(task, tmp_path):
+    settings, site = settings_for(task, **{"rationale-weight": 0.0}), site_for(task, tmp_path)
+    prompts, counts, refusal = release_prompts(site, settings, "run")
+    assert prompts == [] and refusal == "" and counts["epsilon-charged"] == 0.0
+    assert not site.ledger_path.exists() or PrivacyLedger.load(site.ledger_path).entries == []
+    adapter, metrics, refusal = train_round(site, settings, "run", 1, [], initial_adapter(settings))
+    assert refusal == "" and adapter and metrics["num-examples"] == 16 and metrics["skipped-records"] == 0
+    assert [e["mechanism"] for e in PrivacyLedger.load(site.ledger_path).entries] == ["dp-sgd"]
+    model, tokenizer = load_lora_model(task / "base", settings.dp)
+    rows = multitask_rows([("Mia has 3 pens. How many pens does Mia have now?", "3", "")], tokenizer, 0.0, 128)
+    text = tokenizer.decode(rows.tensors[0][0][rows.tensors[1][0].bool()])
+    assert text.startswith("predict:") and "explain:" not in text  # one task, no empty rationale to learn
+
+
+def test_without_dp_the_federated_round_sends_its_update_and_charges_nothing(task, tmp_path):
+    settings, site = settings_for(task, private=False, **{"token-epsilon": float("inf")}), site_for(task, tmp_path)
+    start = initial_adapter(settings)
+    adapter, metrics, refusal = train_round(site, settings, "run", 1, rationales_for(task), start)
+    assert refusal == "" and set(adapter) == set(start) and "local-only" not in metrics
+    assert any(not np.array_equal(adapter[k], start[k]) for k in start)
+    assert not site.ledger_path.exists() or PrivacyLedger.load(site.ledger_path).entries == []
