@@ -13,10 +13,11 @@ sent, naming the records and their cost.
 With ``privatiser = encoder-decoder`` the site's privatiser (client/pdss_privatiser.py, trained on
 public data) first rewrites each question; the mechanism then perturbs the rewrite q' and the
 ledger charges ε_token × tokens perturbed *of q'*. The released prompt is ε_token·n-DP with respect
-to the rewrite's n perturbed tokens, given the rewrite's skeleton (its length and where template
-tokens stand, which pass through and are revealed, as a plain question's are); the mechanism's
-bound holds for any two inputs, so a deterministic rewrite before it keeps it, but the encoder has
-no guarantee of its own: what it does to the skeleton is not bounded, only what follows it is.
+to the rewrite's n perturbed tokens, given the rewrite's skeleton (its length and its pass-through
+template tokens, which are revealed as they are). The encoder has no guarantee of its own, and
+the skeleton is where that shows: the encoder chooses it from the raw question, so it may carry
+information about the question into pass-through tokens that nothing perturbs or charges (a plain
+question's template tokens are the template's own). The mechanism is always the last step.
 The cache key names the strategy and the privatiser's digest.
 """
 

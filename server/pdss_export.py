@@ -72,8 +72,10 @@ def strategy_of(p) -> dict:
         "a local model trained on public data only rewrites each question before the mechanism and, after the "
         "teacher answered, decodes its rationale into one for the raw question (local post-processing, no "
         "charge). The released prompt is ε_token·n-DP with respect to the encoder's output of n perturbed "
-        "tokens (given that output's public skeleton); the encoder is deterministic pre-processing with no "
-        "guarantee of its own, and the mechanism is always the last step before anything leaves a site")}
+        "tokens, given that output's skeleton (its length and its pass-through template tokens). The encoder "
+        "is deterministic pre-processing with no guarantee of its own: it chooses that skeleton from the raw "
+        "question, so it may carry information about the question into pass-through tokens, which nothing "
+        "bounds. The mechanism is always the last step before anything leaves a site")}
 
 
 def model_card(doc: dict) -> str:
