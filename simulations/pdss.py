@@ -97,7 +97,8 @@ def pdss_report(state: dict, settings, console) -> None:
 
     phases, metrics = state.get("phases", {}), state.get("metrics", {})
     table = Table(title=f"{settings.name}: pdss, {settings.clients} sites × {settings.rounds} rounds, "
-                        f"ε_token = {settings.pdss.token_epsilon:g} ({settings.run_dir})", show_header=False)
+                        f"ε_token = {settings.pdss.token_epsilon:g}, privatiser {settings.pdss.privatiser} "
+                        f"({settings.run_dir})", show_header=False)
     rows = [("student answer accuracy (held-out)", phases.get("pdss-evaluation", {}).get("accuracy")),
             ("teacher accuracy, raw prompts", metrics.get("teacher_accuracy_raw")),
             ("teacher accuracy, perturbed prompts", metrics.get("teacher_accuracy_perturbed")),
@@ -105,6 +106,11 @@ def pdss_report(state: dict, settings, console) -> None:
             ("canaries read back / planted", f"{metrics.get('canaries_read_back')} / {metrics.get('canaries')}"),
             ("usable rationales", f"{phases.get('pdss-rationales', {}).get('usable')} / "
                                   f"{phases.get('pdss-rationales', {}).get('prompts')}")]
+    trained = phases.get("pdss-privatiser", {}).get("sites", {})
+    if trained:  # encoder-decoder: its public training, once per digest
+        rows.append(("privatiser loss (first → last step)", ", ".join(
+            f"{c} {t['loss_first']:.2f} → {t['loss_last']:.2f}{' (kept)' if t['cached'] else ''}"
+            for c, t in sorted(trained.items()))))
     for name, value in rows:
         table.add_row(name, f"{value:.3f}" if isinstance(value, float) else str(value))
     for name, phase in phases.items():
