@@ -25,7 +25,8 @@ Student accuracy per cell needs one federated run per (strategy, ε): `--student
 (minutes each). ``--plot`` writes accuracy and leakage against ε_token (benchmarks/pdss.png).
 
 Usage:  .venv/bin/python benchmarks/pdss.py --run runs/pdss [--epsilons 1 4 16 inf]
-            [--strategies exponential encoder-decoder] [--students] [--plot benchmarks/pdss.png]
+            [--strategies exponential encoder-decoder] [--students] [--plot benchmarks/pdss.png] [--json ROWS]
+        .venv/bin/python benchmarks/pdss.py --replot ROWS --plot benchmarks/pdss.png
 """
 
 from __future__ import annotations
@@ -160,17 +161,18 @@ def plot(rows: list[dict], path: Path) -> None:
     at_inf = (finite[-1] * 4) if finite else 1.0
     x_of = lambda e: e if math.isfinite(e) else at_inf  # noqa: E731
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for strategy, style in (("exponential", "o-"), ("encoder-decoder", "s--")):
+    metrics = (("teacher_accuracy", "teacher accuracy (on what it saw)", "C0"),
+               ("rationale_correct", "student's rationale right", "C1"),
+               ("student_accuracy", "student accuracy", "C2"))
+    for strategy, style in (("exponential", "o-"), ("encoder-decoder", "s--")):  # colour: metric; line: strategy
         mine = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: x_of(r["epsilon_token"]))
         if not mine:
             continue
         xs = [x_of(r["epsilon_token"]) for r in mine]
-        left.plot(xs, [r["teacher_accuracy"] for r in mine], style, label=f"{strategy}: teacher accuracy")
-        left.plot(xs, [r["rationale_correct"] for r in mine], style, alpha=0.5,
-                  label=f"{strategy}: student's rationale right")
-        if all("student_accuracy" in r for r in mine):
-            left.plot(xs, [r["student_accuracy"] for r in mine], style, alpha=0.3, label=f"{strategy}: student accuracy")
-        right.plot(xs, [r["leakage"] for r in mine], style, label=strategy)
+        for key, label, colour in metrics:
+            if all(key in r for r in mine):
+                left.plot(xs, [r[key] for r in mine], style, color=colour, label=f"{strategy}: {label}")
+        right.plot(xs, [r["leakage"] for r in mine], style, color="C3", label=strategy)
     ticks = finite + [at_inf]
     for ax, title in ((left, "accuracy"), (right, "leakage (private tokens surviving)")):
         ax.set_xscale("log", base=2)
@@ -186,13 +188,18 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", type=Path, required=True, help="a finished `privdistill simulate` pdss run")
+    parser.add_argument("--run", type=Path, help="a finished `privdistill simulate` pdss run")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 16.0, math.inf])
     parser.add_argument("--strategies", nargs="+", default=["exponential"], choices=PRIVATISERS)
     parser.add_argument("--students", action="store_true", help="also train a federated student per cell (slow)")
     parser.add_argument("--plot", type=Path, help="write accuracy and leakage against ε here (png)")
     parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--replot", type=Path, help="only redraw --plot from rows a --json wrote")
     args = parser.parse_args()
+    if args.replot:
+        return plot(json.loads(args.replot.read_text()), args.plot or Path("benchmarks/pdss.png"))
+    if args.run is None:
+        parser.error("--run is required (or --replot ROWS.json)")
     settings = RunSettings.from_flat(json.loads((args.run / "state.json").read_text())["settings"])
     truth = json.loads((Path(settings.data_dir) / "canaries.json").read_text())
     generator = load_teacher_generator(settings)
