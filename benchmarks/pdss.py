@@ -13,7 +13,9 @@ and the run's teacher answers them (server/rationales.py, greedy). Printed per �
 
 * the rationale the student would train on is right (it states the computation that gives the
   record's answer: "x op y = answer"): the teacher's (exponential) or the decoder's (encoder-decoder);
-  and, for encoder-decoder, the decoder's with the teacher's rationale blanked (what the teacher adds).
+  and, for encoder-decoder, the decoder's with the teacher's rationale blanked (what the teacher adds);
+* encoder-decoder: the share of rewrites whose pass-through tokens (sent unperturbed and uncharged)
+  differ from their question's: what the encoder may carry past the mechanism, unbounded.
 
 ``--strategies exponential encoder-decoder`` adds rows for the encoder-decoder privatiser
 (client/pdss_privatiser.py): per ε its public examples are built with the run's teacher (as phase
@@ -72,6 +74,11 @@ def trained_privatiser(settings, run: Path, generator):
     return load_privatiser(site, settings, digest), info
 
 
+def skeleton(mechanism, tokenizer, text: str) -> list[int]:
+    """The pass-through tokens of a text, in order: what the mechanism sends unperturbed and uncharged."""
+    return [t for t in tokenizer.encode(text, add_special_tokens=False) if mechanism.passes(t)]
+
+
 def right_computation(rationale: str, answer: str) -> bool:
     """Does the rationale state a computation "x op y = v" that holds and gives the record's answer?"""
     m = re.match(r"\s*(\d+)\s*([-+*])\s*(\d+)\s*=\s*(\d+)", rationale)
@@ -86,7 +93,8 @@ def row_for(settings, epsilon: float, strategy: str, generator, prefix: str, tru
     settings = RunSettings.from_flat({**settings.to_run_config(), "token-epsilon": epsilon, "privatiser": strategy})
     p, data_dir = settings.pdss, Path(settings.data_dir)
     privatiser, info = trained_privatiser(settings, run, generator) if p.encoder_decoder else (None, {})
-    ok = right = blind_right = total = empty = 0
+    mechanism, tokenizer = build_mechanism(settings.model_dir, settings)
+    ok = right = blind_right = total = empty = reshaped = 0
     leaks, counts = [0, 0, 0], []
     for i in range(settings.clients):
         records = site_records(data_dir / f"client_{i}" / "train.jsonl", settings)
@@ -94,6 +102,8 @@ def row_for(settings, epsilon: float, strategy: str, generator, prefix: str, tru
         if privatiser:  # the encoder's rewrite is what the mechanism perturbs (an empty one: the question)
             rewrites = privatiser.encode(questions)
             empty += sum(not w for w in rewrites)
+            reshaped += sum(skeleton(mechanism, tokenizer, w or q) != skeleton(mechanism, tokenizer, q)
+                            for w, q in zip(rewrites, questions))
             questions = [w or q for w, q in zip(rewrites, questions)]
         prompts, tokens = perturbed_prompts(settings, questions)
         written = write_rationales(generator, prompts, prefix, p.teacher_max_new_tokens, p.teacher_batch_size)
@@ -121,6 +131,7 @@ def row_for(settings, epsilon: float, strategy: str, generator, prefix: str, tru
             "with_dp_sgd": composed, "leakage": leaks[0] / leaks[1], "canaries_read": f"{leaks[2]}/{len(truth['canaries'])}",
             "teacher_accuracy": ok / total, "rationale_correct": right / total, "encoder_empty": empty,
             "decoded_without_teacher_correct": blind_right / total if privatiser else None,
+            "skeleton_changed": reshaped / total if privatiser else None,
             "privatiser_loss": [info.get("loss_first"), info.get("loss_last_10")] if info else None}
 
 
@@ -206,7 +217,8 @@ def main() -> None:
     prefix = few_shot_prefix(public_records(settings), settings.pdss.teacher_few_shot, settings.seed)
     print(f"machine: {platform.processor() or platform.machine()}, {platform.python_version()}; run {args.run}")
     header = ("strategy", "ε/token", "record ε (median)", "record ε (charged)", "+ DP-SGD", "leakage", "PINs read",
-              "teacher acc", "rationale right", "decoded w/o teacher") + (("student acc",) if args.students else ())
+              "teacher acc", "rationale right", "decoded w/o teacher", "skeleton changed") + \
+        (("student acc",) if args.students else ())
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     rows = []
     for strategy in args.strategies:
@@ -216,7 +228,8 @@ def main() -> None:
             cells = [strategy, f"{r['epsilon_token']:g}", f"{r['typical_record_epsilon']:g}",
                      f"{r['charged_record_epsilon']:g}", f"{r['with_dp_sgd']:.2f}", f"{r['leakage']:.3f}",
                      r["canaries_read"], f"{r['teacher_accuracy']:.3f}", f"{r['rationale_correct']:.3f}",
-                     "–" if r["decoded_without_teacher_correct"] is None else f"{r['decoded_without_teacher_correct']:.3f}"]
+                     *("–" if r[k] is None else f"{r[k]:.3f}" for k in ("decoded_without_teacher_correct",
+                                                                         "skeleton_changed"))]
             if args.students:  # the prompt budget must cover the charged per-record ε, or the sites refuse
                 cap = min(MAX_PROMPT_EPSILON, max(64.0, r["charged_record_epsilon"]))
                 r["student_accuracy"] = student_accuracy(args.run, f"{strategy}-eps-{epsilon:g}", **{
