@@ -2,8 +2,8 @@
 
 RUN_DIR/student/: ``save_pretrained`` of the base model with the federated LoRA adapter merged
 in (and the tokenizer), ``privacy.json`` and a README model card. The card names the privatisation
-strategy (exponential, or encoder-decoder with what its guarantee is and is not). Both mechanisms that touched
-a site's data are stated: the token-level exponential mechanism on its prompts (pure ε per
+strategy (exponential, or encoder-decoder with what its guarantee is and is not). Both mechanisms
+that touched a site's data are stated: the token-level exponential mechanism on its prompts (pure ε per
 record, with its guarantee) and DP-SGD on its student; the figure is each site's ledger
 composing both (dp-accounting PLD). With `local-only` nothing was federated: no student.
 """

@@ -3,8 +3,9 @@
 A site perturbs every question with the token-level exponential mechanism and pays for it in
 its ledger before replying (client/pdss.py); the reply holds only the perturbed strings and
 counts. With privatiser = encoder-decoder the request names each site's privatiser (trained in
-phase pdss-privatiser), whose encoder rewrites the questions before the mechanism. The server keeps what it saw in RUN_DIR/pdss/prompts.json (the rationale phase reads it,
-and the simulation's leakage metric measures it), keyed by site, with the node that sent them.
+phase pdss-privatiser), whose encoder rewrites the questions before the mechanism. The server
+keeps what it saw in RUN_DIR/pdss/prompts.json (the rationale phase reads it, and the
+simulation's leakage metric measures it), keyed by site, with the node that sent them.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ else). It trains its student on its records (client/pdss_student.py: DP-SGD, cha
 ledger) and replies with the adapter and metrics; Flower's FedAvg (weighted by records used)
 averages the valid replies. With privatiser = encoder-decoder the message also carries the site's
 own sent prompts and its privatiser's digest: the site's decoder turns each teacher rationale into
-one for its raw question before training. With `student-training = local-only` no adapter leaves a site: the
-rounds only pace the sites' local training, and the replies carry metrics.
+one for its raw question before training. With `student-training = local-only` no adapter leaves
+a site: the rounds only pace the sites' local training, and the replies carry metrics.
 """
 
 from __future__ import annotations
