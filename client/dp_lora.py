@@ -67,8 +67,13 @@ def plan_for(train_path: str | Path, cfg: DPLoRAConfig, store: str | Path | None
 def train_dp_lora(model_dir: str | Path, train_path: str | Path, cfg: DPLoRAConfig, ledger: PrivacyLedger | None,
                   run_id: str, round_id: int, adapter: dict[str, np.ndarray] | None = None,
                   save_to: str | Path | None = None, progress: bool = False,
-                  planned: tuple[list[str], DPSGDPlan] | None = None, loss_fn=per_record_loss) -> LocalResult:
+                  planned: tuple[list[str], DPSGDPlan] | None = None, loss_fn=per_record_loss,
+                  keep_at: str | Path | None = None) -> LocalResult:
     """Run ``cfg.local_steps`` DP-SGD steps on the LoRA adapters and charge the ledger once.
+
+    ``keep_at``: where the update is kept (``save_release``) *before* the charge is marked
+    released, so a charged round always has its update to re-send (a crash in between leaves a
+    reservation, which is trained again: conservative, never a release without a copy).
 
     ``loss_fn`` is each record's loss (``_train_steps``): the LM loss here, dp-opd's
     rollout-against-the-teacher loss in ``client/dp_opd.py``.
@@ -105,8 +110,6 @@ def train_dp_lora(model_dir: str | Path, train_path: str | Path, cfg: DPLoRAConf
             model.save_pretrained(save_to)
         adapter_out = adapter_copy(model)  # owns its memory: the cached model is reset after this block
 
-    if cfg.private:  # the update may now leave the site
-        ledger.release(charge_id)
     finite = [h for h in history if math.isfinite(h)]
     metrics = {
         "train_loss": float(np.mean(finite)) if finite else float("nan"),
@@ -118,6 +121,11 @@ def train_dp_lora(model_dir: str | Path, train_path: str | Path, cfg: DPLoRAConf
         "epsilon_remaining": ledger.remaining_epsilon() if cfg.private else 0.0,
     }
     metrics["train_seconds"] = train_seconds  # wall seconds of the steps (a client mode may report its parts)
+    if cfg.private:  # the update may now leave the site: kept first, then released
+        if keep_at is not None:
+            save_release(Path(keep_at), adapter_out, {"num-examples": len(texts), "train-loss": metrics["train_loss"]})
+        ledger.release(charge_id)
+        metrics["epsilon_spent"], metrics["epsilon_remaining"] = ledger.spent_epsilon(), ledger.remaining_epsilon()
     return LocalResult(adapter_out, metrics, plan, history)
 
 
@@ -229,13 +237,13 @@ def run_round(site: Site, cfg: DPLoRAConfig, run_name: str, server_round: int,
             "not training it twice")
     try:
         result = train(site.model_dir, site.train_path, cfg, ledger, run_name, server_round, global_adapter,
-                       planned=planned)
+                       planned=planned, keep_at=release)
     except BudgetExceeded as refusal:
         return global_adapter, {**metrics, "refused": 1}, str(refusal)
     metrics.update({"num-examples": result.metrics["examples"], "train-loss": result.metrics["train_loss"],
                     "epsilon-spent": result.metrics["epsilon_spent"],
                     "epsilon-remaining": result.metrics["epsilon_remaining"], **result.report})
-    save_release(release, result.adapter, metrics)
+    save_release(release, result.adapter, metrics)  # the same update, now with the whole round's metrics
     return result.adapter, metrics, ""
 
 

@@ -158,13 +158,13 @@ class OPDLoss:
                 "dp-step-seconds": max(0.0, train_seconds - self.seconds["generation"] - self.seconds["teacher"])}
 
 
-def train_dp_opd(model_dir, train_path, cfg, ledger, run_id, round_id, adapter=None, planned=None, *,
+def train_dp_opd(model_dir, train_path, cfg, ledger, run_id, round_id, adapter=None, planned=None, keep_at=None, *,
                  opd: OPDSettings, teacher_dir, teacher_adapter=None):
     """``train_dp_lora`` with the dp-opd loss: same signature, same charges; timings in ``report``."""
     teacher, tokenizer = frozen_teacher(teacher_dir, cfg, teacher_adapter)
     loss = OPDLoss(teacher, tokenizer, opd)
     result = train_dp_lora(model_dir, train_path, cfg, ledger, run_id, round_id, adapter, planned=planned,
-                           loss_fn=loss)
+                           loss_fn=loss, keep_at=keep_at)
     result.report.update(loss.report(result.metrics["train_seconds"]))
     return result
 

@@ -235,6 +235,10 @@ def check_methods_available(comparison: Comparison) -> None:
 
 def check_data(comparison: Comparison) -> None:
     """What a method needs but the data lacks is said before the first run."""
+    if any(compare_task.is_task_method(m) for m in comparison.compare.methods):
+        compare_task.check_task_data(comparison)
+    if not has_text_methods(comparison):
+        return
     values = comparison.run_values
     data_dir = values.get("data-dir")
     if not data_dir:
@@ -252,8 +256,6 @@ def check_data(comparison: Comparison) -> None:
                           "control-codes) but label-field is not set; set label-field to the data's label column "
                           "or prompt-source = bos")
     probe.check_paths()  # every site's files, and the label field in every record
-    if any(compare_task.is_task_method(m) for m in comparison.compare.methods):
-        compare_task.check_task_data(comparison)
 
 
 # ---------------------------------------------------------------------------- running
@@ -266,6 +268,11 @@ def prepare_bases(comparison: Comparison, console=None) -> Path:
     from transformers import AutoTokenizer
 
     c, out = comparison.compare, comparison.out
+    bases = out / "bases"
+    if any(compare_task.is_task_method(m) for m in c.methods):
+        compare_task.prepare_task_bases(comparison, bases, console)
+    if not has_text_methods(comparison):
+        return bases  # only the task rows: no corpus, no text base models
     values = comparison.run_values
     corpus = Path(values.get("data-dir") or out / "corpus")
     if not values.get("data-dir") and not (corpus / "manifest.json").exists():
@@ -274,7 +281,6 @@ def prepare_bases(comparison: Comparison, console=None) -> Path:
                         train_per_client=c.train_per_client, heldout_per_client=c.heldout_per_client,
                         site_stamp=bool(values.get("site-stamp", True)))
     public_path = Path(values.get("public-path") or corpus / "public.jsonl")
-    bases = out / "bases"
     label_field = values.get("label-field") or None
     from common.data.control import with_control_code
 
@@ -300,9 +306,11 @@ def prepare_bases(comparison: Comparison, console=None) -> Path:
     # Said now, not after the teacher's rounds: every distillation compares token distributions.
     check_same_tokenizer(AutoTokenizer.from_pretrained(bases / "teacher"), AutoTokenizer.from_pretrained(bases / "student"),
                          c.teacher_model, c.student_model)
-    if any(compare_task.is_task_method(m) for m in c.methods):
-        compare_task.prepare_task_bases(comparison, bases, console)
     return bases
+
+
+def has_text_methods(comparison: Comparison) -> bool:
+    return any(not compare_task.is_task_method(m) for m in comparison.compare.methods)
 
 
 def run_cell(comparison: Comparison, cell: Cell, bases: Path, console=None) -> dict:
@@ -375,7 +383,8 @@ def run_comparison(comparison: Comparison, console=None, report_only: bool = Fal
     bases = prepare_bases(comparison, console)
     from simulations import compare_cells
 
-    floor = compare_cells.floor_figures(comparison, bases, console)
+    floor = compare_cells.floor_figures(comparison, bases, console) \
+        if has_text_methods(comparison) or (comparison.out / "cells" / "floor.json").is_file() else {}
     if any(compare_task.is_task_method(m) for m in comparison.compare.methods) or report_only:
         floor = {**floor, **compare_task.floor_figures(comparison, bases, console)}
     if report_only:

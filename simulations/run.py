@@ -87,11 +87,7 @@ def simulate(settings: RunSettings, client_mods: tuple = ()) -> dict:
     write_privacy_card(Path(settings.run_dir))
     state = RunDirectory(settings.run_dir).load_state()
     if state.get("phases", {}).get("export", {}).get("complete") and settings.audit:
-        if settings.mode == "dp-opd":  # the audit's teacher is base + the run's adapter, a distildp layout
-            logging.getLogger(__name__).warning("audit: not yet supported for dp-opd runs; skipped "
-                                                "(privdistill audit --run RUN_DIR --models student=RUN_DIR/student)")
-        else:
-            audit_pipeline(settings)
+        audit_pipeline(settings)  # dp-opd: the run's model is its student (on the student base), the floor that base
     return RunDirectory(settings.run_dir).load_state()
 
 

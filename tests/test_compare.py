@@ -186,3 +186,21 @@ def test_the_pdss_rows_are_read_on_the_task_at_the_same_epsilon(comparison):
     assert all(site["prompts"] == [] for site in prompts["sites"].values())  # nothing left the sites but updates
     table = (out / "compare.md").read_text()
     assert "| pdss | 8 |" in table and "| pdss-answer-only | 8 |" in table and "public task student (floor)" in table
+
+
+def test_task_data_without_the_answer_field_is_refused_up_front(fed_root, tmp_path, capsys):
+    task_config(fed_root)  # generates fed_root/task
+    data = tmp_path / "task"
+    shutil.copytree(fed_root / "task", data)
+    train = data / "client_1" / "train.jsonl"
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    train.write_text("".join(json.dumps({"question": r["question"]}) + "\n" for r in rows))
+    config = tmp_path / "task.toml"
+    config.write_text(task_config(fed_root).read_text().replace(str(fed_root / "task"), str(data)))
+    argv = ["compare", "--config", str(CONFIG), "--out", str(tmp_path / "cmp")]
+    for key, value in tiny(fed_root, tmp_path / "cmp", methods=["pdss"], **{"task-config": str(config)}).items():
+        argv += ["--set", f"{key}={json.dumps(value)}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'answer'" in err and "client_1" in err and "Traceback" not in err
+    assert not (tmp_path / "cmp").exists()

@@ -67,7 +67,8 @@ def dp_teacher_run(root: Path, run_dir: Path) -> Path:
 def opd_overrides(root, teacher_run, **changes) -> dict:
     return fed_overrides(root, **{"name": "opd", "mode": "dp-opd", "epsilon": STUDENT_EPSILON, "local-steps": 4,
                                   "learning-rate": 0.02, "max-length": 64, "student": "from-teacher",
-                                  "opd-teacher": str(teacher_run), "opd-max-new-tokens": 16, **changes})
+                                  "opd-teacher": str(teacher_run), "opd-max-new-tokens": 16, "audit": False,
+                                  **changes})
 
 
 @pytest.fixture(scope="session")
@@ -262,3 +263,20 @@ def test_a_site_without_the_teachers_ledger_refuses(opd_run, tmp_path):
     adapter, metrics, refusal = dp_lora.run_round(site, settings.dp, "opd-elsewhere", 1, {"a": np.zeros(2)})
     assert metrics["refused"] == 1 and "holds no charges of run 'teach'" in refusal
     assert not site.ledger_path.exists()
+
+
+def test_the_audit_scores_the_dp_opd_student_against_its_public_base(opd_run, tmp_path):
+    """The run's model is its student (the student base + the rounds' adapter), the floor that base;
+    the exported student is the same model merged, so both score the same."""
+    import shutil
+
+    from common.audit.run import run_audit
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(opd_run["run"], run_dir)
+    report = run_audit(run_dir, [f"student={run_dir / 'student'}"], max_records=30, candidates=20,
+                       block_seeds=(0,), progress=False)
+    floor, run, student = report["models"]
+    assert "floor" in floor["label"] and run["epsilon"] == pytest.approx(student["epsilon"], rel=1e-6)
+    assert run["membership"]["loss"]["auc"] == pytest.approx(student["membership"]["loss"]["auc"], abs=1e-6)
+    assert floor["membership"]["loss"]["auc"] != run["membership"]["loss"]["auc"]  # trained, not the base

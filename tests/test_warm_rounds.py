@@ -390,3 +390,31 @@ def test_a_site_round_calibrates_once_per_run(fed_root, tmp_path, calibrations):
         _, metrics, refusal = dp_lora.run_round(site, cfg, "once", server_round, initial)
         assert refusal == "" and metrics["replayed"] == 0
     assert len(calibrations) == 1 and (tmp_path / "ledger.plans.json").is_file()
+
+
+def test_a_crash_right_after_the_release_still_replays_the_kept_update(fed_root, tmp_path, monkeypatch):
+    """The update is kept before its charge is marked released: a site that dies between the two
+    writes re-sends that update on the repeated request instead of refusing the round."""
+    train, heldout = _site_paths(fed_root, 0)
+    site = dp_lora.Site("client_0", train, heldout, tmp_path / "ledger.json", 100.0, fed_root / "teacher")
+    cfg = _cfg(local_steps=1)
+    with cache.warm_lora_model(fed_root / "teacher", cfg) as (model, _):
+        initial = cache.adapter_copy(model)
+    real_save, calls = dp_lora.save_release, []
+
+    def dies_on_the_second_write(path, adapter, metrics):
+        calls.append(path)
+        if len(calls) == 2:  # the round's full metrics, written after ledger.release
+            raise SystemExit("site killed")
+        real_save(path, adapter, metrics)
+
+    monkeypatch.setattr(dp_lora, "save_release", dies_on_the_second_write)
+    with pytest.raises(SystemExit):
+        dp_lora.run_round(site, cfg, "crash", 1, initial)
+    monkeypatch.setattr(dp_lora, "save_release", real_save)
+    ledger = PrivacyLedger.load(site.ledger_path)
+    assert ledger.status_of("crash/round-1") == "released" and len(ledger.entries) == 1
+    adapter, metrics, refusal = dp_lora.run_round(site, cfg, "crash", 1, initial)
+    assert refusal == "" and metrics["replayed"] == 1 and len(PrivacyLedger.load(site.ledger_path).entries) == 1
+    kept, _ = dp_lora.load_release(calls[0])
+    assert all(np.array_equal(adapter[k], kept[k]) for k in kept)

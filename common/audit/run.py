@@ -39,10 +39,11 @@ class AuditTarget:
 def run_targets(run_dir: Path, label: str | None = None) -> AuditTarget:
     """A run directory's final global adapter, with ε and δ from its sites' ledgers."""
     from common.privacy.ledger import PrivacyLedger, ledger_paths
+    from common.settings import STUDENT_BASE_DIR, ledger_dir_of
 
     state = _state(run_dir)
     settings = state["settings"]
-    ledgers = ledger_paths(run_dir / "ledgers")
+    ledgers = ledger_paths(ledger_dir_of(run_dir, settings))  # a dp-opd student charges its DP teacher's ledgers
     private = settings.get("private", True)
     if private and not ledgers:
         raise AuditError(f"{run_dir} has no ledgers/ directory with client ledgers; audit a run directory written by "
@@ -52,7 +53,10 @@ def run_targets(run_dir: Path, label: str | None = None) -> AuditTarget:
     delta = max((l.delta for l in spent), default=None) if private else None
     name = label or (f"{settings.get('name', run_dir.name)} (DP ε={settings.get('epsilon')})" if private
                      else f"{settings.get('name', run_dir.name)} (no DP)")
-    return AuditTarget(name, Path(settings["model-dir"]), run_dir / state["adapter"], epsilon, delta, str(run_dir))
+    base = Path(settings["model-dir"])
+    if settings.get("mode") == "dp-opd" and (run_dir / STUDENT_BASE_DIR / "config.json").is_file():
+        base = run_dir / STUDENT_BASE_DIR  # dp-opd's rounds trained the student: its adapter sits on the student base
+    return AuditTarget(name, base, run_dir / state["adapter"], epsilon, delta, str(run_dir))
 
 
 def parse_model_spec(spec: str) -> AuditTarget:
