@@ -14,14 +14,16 @@ and the run's teacher answers them (server/rationales.py, greedy). Printed per �
 * the rationale the student would train on is right (it states the computation that gives the
   record's answer: "x op y = answer"): the teacher's (exponential) or the decoder's (encoder-decoder);
   and, for encoder-decoder, the decoder's with the teacher's rationale blanked (what the teacher adds);
-* encoder-decoder: the share of rewrites whose pass-through tokens (sent unperturbed and uncharged)
-  differ from their question's: what the encoder may carry past the mechanism, unbounded.
+* encoder-decoder: the share of rewrites whose template tokens differ from their question's: how
+  much the encoder reshapes (it sees the private question, which is why a site perturbs every token
+  of a rewrite, sent as exactly privatiser-prompt-tokens tokens, and is charged for all of them).
 
 ``--strategies exponential encoder-decoder`` adds rows for the encoder-decoder privatiser
 (client/pdss_privatiser.py): per ε its public examples are built with the run's teacher (as phase
 pdss-privatiser does), the privatiser is trained once (kept under RUN/bench-privatiser by digest),
-its encoder rewrites each question, the mechanism perturbs the rewrite (the per-record ε counts the
-rewrite's tokens), the teacher answers, and the decoder writes the rationale for the raw question.
+its encoder rewrites each question, the mechanism perturbs every token of the rewrite cut or padded
+to privatiser-prompt-tokens (the per-record ε: ε_token × that), the teacher answers, and the decoder
+writes the rationale for the raw question.
 
 Student accuracy per cell needs one federated run per (strategy, ε): `--students` runs them
 (minutes each). ``--plot`` writes accuracy and leakage against ε_token (benchmarks/pdss.png).
@@ -42,7 +44,7 @@ import statistics
 import time
 from pathlib import Path
 
-from client.pdss import build_mechanism, site_records
+from client.pdss import build_mechanism, rewrite_mechanism, site_records
 from common.privacy.accounting import PURE_EPSILON, epsilon_of_events, subsampled_gaussian
 from common.privacy.dp_sgd import plan_dp_sgd
 from common.data.task import normalise_answer
@@ -53,9 +55,14 @@ from simulations.pdss import correct, leakage_counts
 
 
 def perturbed_prompts(settings, questions: list[str]) -> tuple[list[str], list[int]]:
-    """The mechanism's output on each question (OS randomness) and its tokens perturbed."""
+    """The mechanism's output on each question (OS randomness) and its tokens perturbed; an
+    encoder-decoder rewrite as a site sends it (exactly privatiser-prompt-tokens, all perturbed)."""
     mechanism, tokenizer = build_mechanism(settings.model_dir, settings)
-    ids = [tokenizer.encode(q, add_special_tokens=False) for q in questions]
+    if settings.pdss.encoder_decoder:
+        mechanism, ids_of = rewrite_mechanism(mechanism, tokenizer, settings.pdss.privatiser_prompt_tokens)
+        ids = [ids_of(q) for q in questions]
+    else:
+        ids = [tokenizer.encode(q, add_special_tokens=False) for q in questions]
     counts = [mechanism.tokens_perturbed(x) for x in ids]
     if not settings.pdss.perturbs:
         return list(questions), counts

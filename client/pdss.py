@@ -11,14 +11,13 @@ them and costs nothing. A site whose budget cannot pay refuses before anything i
 sent, naming the records and their cost.
 
 With ``privatiser = encoder-decoder`` the site's privatiser (client/pdss_privatiser.py, trained on
-public data) first rewrites each question; the mechanism then perturbs the rewrite q' and the
-ledger charges ε_token × tokens perturbed *of q'*. The released prompt is ε_token·n-DP with respect
-to the rewrite's n perturbed tokens, given the rewrite's skeleton (its length and its pass-through
-template tokens, which are revealed as they are). The encoder has no guarantee of its own, and
-the skeleton is where that shows: the encoder chooses it from the raw question, so it may carry
-information about the question into pass-through tokens that nothing perturbs or charges (a plain
-question's template tokens are the template's own). The mechanism is always the last step.
-The cache key names the strategy and the privatiser's digest.
+public data) first rewrites each question. Every token of a rewrite is a function of the whole
+private question (the encoder may turn a name into a template word), so nothing of it may pass
+through as it is: the rewrite is cut or padded to exactly ``privatiser-prompt-tokens`` = L tokens
+and the mechanism perturbs all of them (``fixed_length``, ``perturbing_every_token``). The released
+prompt is then ε_token·L-DP with respect to *any* two questions, its length and skeleton included,
+and the ledger charges ε_token × L per record. The encoder has no guarantee of its own and the
+mechanism is always the last step. The cache key names the strategy and the privatiser's digest.
 """
 
 from __future__ import annotations
@@ -35,7 +34,8 @@ from common.atomic import atomic_write_json
 from common.data.task import TaskRecord, load_task
 from common.errors import BudgetExceeded
 from common.privacy.accounting import default_delta
-from common.privacy.exponential import TokenExponentialMechanism, passthrough_ids
+from common.privacy.exponential import (TokenExponentialMechanism, fixed_length, fixed_length_guarantee,
+                                        passthrough_ids)
 from common.privacy.ledger import PrivacyLedger, PureEpsilonCharge
 
 CACHE_FORMAT = "privdistill-pdss-prompts"
@@ -86,6 +86,21 @@ def build_mechanism(model_dir, settings, seed: int | None = None) -> tuple[Token
     return mechanism, tokenizer
 
 
+def rewrite_mechanism(mechanism: TokenExponentialMechanism, tokenizer, length: int):
+    """(mechanism perturbing every token, ids of a rewrite as released): for the encoder's rewrites,
+    each cut or padded to ``length`` public-filler tokens first (the filler: ".", a public token)."""
+    everything = mechanism.perturbing_every_token()
+    stop = tokenizer.encode(".", add_special_tokens=False)
+    filler = stop[0] if len(stop) == 1 and stop[0] in set(mechanism.output_ids.tolist()) else int(mechanism.output_ids[0])
+    special = mechanism.special_ids
+
+    def ids_of(text: str) -> list[int]:
+        ids = [t for t in tokenizer.encode(text, add_special_tokens=False) if t not in special]
+        return fixed_length(ids, length, filler)
+
+    return everything, ids_of
+
+
 def mechanism_digest(mechanism: TokenExponentialMechanism, settings) -> str:
     """Everything that decides a perturbed prompt's distribution: a changed one is a new release."""
     h = hashlib.sha256(json.dumps({**mechanism.describe(), "epsilon_token": settings.pdss.token_epsilon},
@@ -123,7 +138,8 @@ def release_prompts(site, settings, run_name: str, seed: int | None = None,
 
     digest = mechanism_digest(mechanism, settings)
     if encoder_decoder:  # a new strategy or privatiser is a new release
-        digest = hashlib.sha256(f"{digest}\0encoder-decoder\0{privatiser}".encode()).hexdigest()
+        digest = hashlib.sha256(f"{digest}\0encoder-decoder\0{privatiser}\0"
+                                f"{settings.pdss.privatiser_prompt_tokens}".encode()).hexdigest()
     keys = [hashlib.sha256(f"{digest}\0{r.question}".encode()).hexdigest() for r in records]
     cache = _read_cache(site.ledger_path)
     todo = [i for i, k in enumerate(keys) if k not in cache]
@@ -132,8 +148,10 @@ def release_prompts(site, settings, run_name: str, seed: int | None = None,
     if encoder_decoder and unique:
         questions = [records[i].question for i in unique.values()]
         sources.update(zip(questions, _rewrites(site, settings, privatiser, questions, counts)))
-    ids = {keys[i]: tokenizer.encode(sources[records[i].question], add_special_tokens=False)
-           for i in unique.values()}
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    if encoder_decoder:  # no token of a rewrite passes as it is; each is sent as exactly L tokens
+        mechanism, encode = rewrite_mechanism(mechanism, tokenizer, settings.pdss.privatiser_prompt_tokens)
+    ids = {keys[i]: encode(sources[records[i].question]) for i in unique.values()}
     perturbed_counts = [cache[k]["tokens_perturbed"] if k in cache else mechanism.tokens_perturbed(ids[k])
                         for k in keys]
     if unique:
@@ -153,7 +171,10 @@ def release_prompts(site, settings, run_name: str, seed: int | None = None,
             extra = {"mechanism": "token-exponential", "records": len(tokens), "epsilon_token": epsilon,
                      "max_tokens_perturbed": max(tokens), "guarantee": mechanism.guarantee()}
             if encoder_decoder:
-                extra.update(privatiser=privatiser, perturbed="the encoder's rewrite of each question")
+                length = settings.pdss.privatiser_prompt_tokens
+                extra.update(privatiser=privatiser, perturbed=f"the encoder's rewrite of each question, as exactly "
+                             f"{length} tokens, every one perturbed", guarantee=fixed_length_guarantee(
+                                 epsilon, length, mechanism.candidates, mechanism.knn))
             ledger.reserve(charge_id, charge, run_id=run_name, extra=extra)
         new = mechanism.perturb_batch(list(ids.values()))  # one sampling call; the mechanism is the last step
         for key, i, out in zip(unique, unique.values(), new):

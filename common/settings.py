@@ -258,6 +258,7 @@ class PDSSSettings:
     privatiser_batch_size: int = 16
     privatiser_learning_rate: float = 1e-3
     privatiser_max_new_tokens: int = 48    # the longest rewritten question / decoded rationale
+    privatiser_prompt_tokens: int = 32     # every rewrite is sent as exactly this many tokens, all perturbed
     # Simulation only: the student's public base model (model-dir), warmed on the public split.
     student_spec: str = "tiny-gpt2"
     student_warmup_steps: int = 100
@@ -277,7 +278,8 @@ class PDSSSettings:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.privatiser not in PRIVATISERS:
             raise ConfigError(f"privatiser must be one of {', '.join(PRIVATISERS)}, got {self.privatiser!r}")
-        for name in ("privatiser_steps", "privatiser_batch_size", "privatiser_max_new_tokens"):
+        for name in ("privatiser_steps", "privatiser_batch_size", "privatiser_max_new_tokens",
+                     "privatiser_prompt_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
         if not 0 < self.privatiser_learning_rate < 1:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 from common.atomic import atomic_write_bytes, atomic_write_json, json_safe
-from common.privacy.exponential import guarantee
+from common.privacy.exponential import fixed_length_guarantee, guarantee
 from common.privacy.ledger import PrivacyLedger, ledger_paths
 from server.export import STUDENT_DIR
 
@@ -34,9 +34,12 @@ def privacy_document(run_dir, settings, phases: dict) -> dict:
         mechanisms.append({
             "mechanism": "token-level exponential mechanism on each prompt (local, once per record)",
             "epsilon_token": p.token_epsilon, "utility": p.perturb_utility, "output_set": p.perturb_output_set,
-            "candidates": p.perturb_candidates, "guarantee": guarantee(p.token_epsilon, p.perturb_candidates, p.perturb_knn),
-            "charged": "ε_token × tokens perturbed per record" + (" (of the encoder's rewrite)" if p.encoder_decoder
-                                                                   else "") +
+            "candidates": p.perturb_candidates,
+            "guarantee": fixed_length_guarantee(p.token_epsilon, p.privatiser_prompt_tokens, p.perturb_candidates,
+                                                p.perturb_knn) if p.encoder_decoder
+            else guarantee(p.token_epsilon, p.perturb_candidates, p.perturb_knn),
+            "charged": (f"ε_token × {p.privatiser_prompt_tokens} per record (the encoder's rewrite, every token)"
+                        if p.encoder_decoder else "ε_token × tokens perturbed per record") +
                        "; records disjoint, so the pass costs the largest"})
     if settings.dp.private:
         mechanisms.append({"mechanism": "DP-SGD (Poisson-subsampled Gaussian) on each site's LoRA student",
@@ -68,14 +71,15 @@ def strategy_of(p) -> dict:
         return {"privatiser": "none", "statement": "answer-only: no prompt leaves a site, so nothing is privatised"}
     if not p.encoder_decoder:
         return {"privatiser": "exponential", "statement": "each question is perturbed by the mechanism as it is"}
-    return {"privatiser": "encoder-decoder", "statement": (
+    length = p.privatiser_prompt_tokens
+    return {"privatiser": "encoder-decoder", "prompt_tokens": length, "statement": (
         "a local model trained on public data only rewrites each question before the mechanism and, after the "
         "teacher answered, decodes its rationale into one for the raw question (local post-processing, no "
-        "charge). The released prompt is ε_token·n-DP with respect to the encoder's output of n perturbed "
-        "tokens, given that output's skeleton (its length and its pass-through template tokens). The encoder "
-        "is deterministic pre-processing with no guarantee of its own: it chooses that skeleton from the raw "
-        "question, so it may carry information about the question into pass-through tokens, which nothing "
-        "bounds. The mechanism is always the last step before anything leaves a site")}
+        f"charge). Each rewrite is cut or padded to exactly {length} tokens and every one of them is perturbed "
+        "(the encoder saw the private question, so no token of its output passes as it is): the released "
+        f"prompt is ε_token·{length}-DP with respect to any two questions, its length and skeleton included. "
+        "The encoder is deterministic pre-processing with no guarantee of its own. The mechanism is always "
+        "the last step before anything leaves a site")}
 
 
 def model_card(doc: dict) -> str:

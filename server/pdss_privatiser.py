@@ -2,7 +2,8 @@
 sites' privatiser, built with the server's teacher, then `train.pdss_privatiser` at every site.
 
 For each public record with a rationale: its question q, p̃ = the token-level exponential mechanism's
-output on q at the run's ε_token (public data: nothing to charge; the run's seed, so a rerun builds
+output on q at the run's ε_token, as a site sends its rewrites (exactly privatiser-prompt-tokens
+tokens, every one perturbed) (public data: nothing to charge; the run's seed, so a rerun builds
 the same examples and the sites reuse the privatiser they kept), r̃ = the teacher's rationale for p̃
 (greedy, the rationale service's own prompt), and q's public rationale. Written to
 RUN_DIR/pdss/privatiser-data.json and sent to every site, which trains its privatiser on them
@@ -31,16 +32,16 @@ DATA_FILE = "pdss/privatiser-data.json"
 
 def public_examples(settings, generator) -> list[PrivatiserExample]:
     """(q, mechanism(q), teacher's rationale for it, q's rationale) for each public record with a rationale."""
-    from client.pdss import build_mechanism
+    from client.pdss import build_mechanism, rewrite_mechanism
 
     p = settings.pdss
     public = [r for r in public_records(settings) if r.rationale]
     questions = [r.question for r in public]
     perturbed = questions
-    if p.perturbs:
+    if p.perturbs:  # as a site sends a rewrite: exactly privatiser-prompt-tokens tokens, every one perturbed
         mechanism, tokenizer = build_mechanism(settings.model_dir, settings, seed=settings.seed)
-        ids = [tokenizer.encode(q, add_special_tokens=False) for q in questions]
-        perturbed = [tokenizer.decode(x) for x in mechanism.perturb_batch(ids)]
+        mechanism, ids_of = rewrite_mechanism(mechanism, tokenizer, p.privatiser_prompt_tokens)
+        perturbed = [tokenizer.decode(x) for x in mechanism.perturb_batch([ids_of(q) for q in questions])]
     prefix = few_shot_prefix(public_records(settings), p.teacher_few_shot, settings.seed)
     written = write_rationales(generator, perturbed, prefix, p.teacher_max_new_tokens, p.teacher_batch_size)
     return [PrivatiserExample(q, x, w.rationale, r.rationale) for q, x, w, r in zip(questions, perturbed, written, public)]

@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.errors import RoundFailed
 from common.wire import from_array_record, to_array_record
-from server.pdss_prompts import PROMPTS_FILE, digests
+from server.pdss_prompts import digests, sites_now
 from server.pdss_rationales import RATIONALES_FILE
 from server.server_app import initial_adapter, sort_train_replies
 
@@ -30,7 +30,7 @@ from server.server_app import initial_adapter, sort_train_replies
 def run(phase) -> dict:
     settings, run = phase.settings, phase.run
     local_only = settings.pdss.student_training == "local-only"
-    sites = json.loads((run.path / PROMPTS_FILE).read_text(encoding="utf-8"))["sites"]
+    sites = sites_now(phase)  # node ids as this federation numbers them (a resumed one renumbers)
     rationales = json.loads((run.path / RATIONALES_FILE).read_text(encoding="utf-8"))["sites"]
     state = run.load_state()
     progress = state.setdefault("pdss", {"completed_round": 0, "adapter": None, "rounds": []})

@@ -223,8 +223,9 @@ def test_multitask_loss_is_the_weighted_sum_of_the_two_task_losses(pdss_run):
 
 
 def test_a_resumed_run_reuses_prompts_and_replays_rounds_without_new_charges(pdss_run, tmp_path):
-    """Rewound to after round 1 of the students with every phase to redo: the prompts come from the
-    sites' caches, round 2 is re-sent from the release it kept, and no ledger gains an entry."""
+    """Rewound into the students' phase after its round 1, in a new simulation (whose nodes are
+    numbered anew): the sites are found again by client id, their prompts come from their caches,
+    round 2 is re-sent from the release it kept, and no ledger gains an entry."""
     import shutil
 
     from server.checkpoint import RunDirectory
@@ -233,7 +234,7 @@ def test_a_resumed_run_reuses_prompts_and_replays_rounds_without_new_charges(pds
     shutil.copytree(pdss_run["run"], run_dir)
     run = RunDirectory(run_dir)
     state = run.load_state()
-    state["phases"] = {}
+    state["phases"] = {k: v for k, v in state["phases"].items() if k in ("pdss-prompts", "pdss-rationales")}
     state["pdss"] = {**state["pdss"], "completed_round": 1, "adapter": "adapters/round_1.safetensors",
                      "rounds": state["pdss"]["rounds"][:1]}
     run.commit(state)
@@ -250,12 +251,14 @@ def test_a_resumed_run_reuses_prompts_and_replays_rounds_without_new_charges(pds
     original = pdss_run["run"]
     prompts = lambda d: {c: s["prompts"] for c, s in json.loads((d / "pdss" / "prompts.json").read_text())["sites"].items()}  # noqa: E731
     assert prompts(run_dir) == prompts(original)  # the same perturbed prompts (node ids are per simulation)
+    nodes = lambda d: {c: s["node"] for c, s in json.loads((d / "pdss" / "prompts.json").read_text())["sites"].items()}  # noqa: E731
+    assert nodes(run_dir) != nodes(original)  # renumbered, and every site found again by client id
     assert state["phases"]["pdss-evaluation"]["accuracy"] == pdss_run["state"]["phases"]["pdss-evaluation"]["accuracy"]
     assert (run_dir / "adapters" / "round_2.safetensors").read_bytes() == \
         (original / "adapters" / "round_2.safetensors").read_bytes()
 
 
-def test_encoder_decoder_trains_one_shared_privatiser_and_charges_the_tokens_of_its_rewrites(pdss_encdec_run):
+def test_encoder_decoder_trains_one_shared_privatiser_and_charges_every_token_of_its_rewrites(pdss_encdec_run):
     from client.dp_lora import Site
     from client.pdss import cache_path
     from client.pdss_privatiser import load_privatiser
@@ -266,18 +269,18 @@ def test_encoder_decoder_trains_one_shared_privatiser_and_charges_the_tokens_of_
     trained = state["phases"]["pdss-privatiser"]["sites"]
     assert len({s["privatiser"] for s in trained.values()}) == 1  # a function of public inputs only: one for all
     assert sorted(s["cached"] for s in trained.values()) == [False, True]  # trained once, then reused
-    mechanism, tokenizer = build_mechanism(settings.model_dir, settings)
+    length = settings.pdss.privatiser_prompt_tokens
     for path in ledger_paths(run / "ledgers"):
         entries = PrivacyLedger.load(path).entries
         assert [e["mechanism"] for e in entries] == ["pure-epsilon", "dp-sgd"]
         questions = [r.question for r in load_task(pdss_encdec_run["data"] / path.stem / "train.jsonl")]
         site = Site(path.stem, Path("unused"), Path("unused"), path, 1.0, Path(settings.model_dir))
         rewrites = load_privatiser(site, settings, trained[path.stem]["privatiser"]).encode(questions)
-        k = [mechanism.tokens_perturbed(tokenizer.encode(w or q, add_special_tokens=False))
-             for w, q in zip(rewrites, questions)]
-        assert entries[0]["params"]["epsilon_per_record"] == TOKEN_EPSILON * max(k)
+        assert len(rewrites) == len(questions)
+        # each rewrite was sent as exactly `length` tokens, every one perturbed and charged
+        assert entries[0]["params"]["epsilon_per_record"] == TOKEN_EPSILON * length
         kept = json.loads(cache_path(path).read_text())["prompts"]
-        assert sorted(v["tokens_perturbed"] for v in kept.values()) == sorted(k)
+        assert [v["tokens_perturbed"] for v in kept.values()] == [length] * len(questions)
     assert 0.0 <= state["phases"]["pdss-evaluation"]["accuracy"] <= 1.0
 
 
@@ -293,4 +296,5 @@ def test_the_encoder_decoder_card_states_the_strategy_and_what_it_guarantees(pds
     assert card["settings"]["privatiser"] == "encoder-decoder"
     readme = (out / "README.md").read_text()
     assert "**Strategy: encoder-decoder**" in readme and "no guarantee of its own" in readme
-    assert "with respect to the encoder's output of n perturbed tokens" in readme
+    assert f"ε_token·{pdss_encdec_run['settings'].pdss.privatiser_prompt_tokens}-DP with respect to any two " \
+        "questions" in readme

@@ -87,21 +87,21 @@ def test_a_few_steps_lower_the_loss_and_the_privatiser_is_kept_under_its_digest(
     assert len(rewrites) == len(decoded) == 3 and all(isinstance(x, str) for x in rewrites + decoded)
 
 
-def test_the_ledger_charges_the_tokens_perturbed_of_the_encoders_rewrite(task, tmp_path):
+def test_the_ledger_charges_every_token_of_the_encoders_fixed_length_rewrite(task, tmp_path):
     settings, site = settings_for(task), pdss_site(task, tmp_path / "ledgers" / "client_0.json", 200.0)
     digest, _ = ensure_privatiser(site, settings, public_examples(task, settings))
     assert release_prompts(site, settings, "run-a")[2].startswith("client_0: privatiser = encoder-decoder")
     prompts, counts, refusal = release_prompts(site, settings, "run-a", privatiser=digest)
     assert refusal == "" and len(prompts) == 8
     questions = [json.loads(x)["question"] for x in site.train_path.read_text().splitlines()]
-    rewrites = [w or q for w, q in zip(load_privatiser(site, settings, digest).encode(questions), questions)]
-    mechanism, tokenizer = build_mechanism(site.model_dir, settings)
-    k = [mechanism.tokens_perturbed(tokenizer.encode(w, add_special_tokens=False)) for w in rewrites]
+    length = settings.pdss.privatiser_prompt_tokens
+    # every rewrite goes out as exactly `length` tokens, all perturbed: its length and template words show nothing
     [entry] = PrivacyLedger.load(site.ledger_path).entries
-    assert entry["params"]["epsilon_per_record"] == counts["epsilon-per-record"] == 2.0 * max(k)
-    assert entry["extra"]["privatiser"] == digest
+    assert entry["params"]["epsilon_per_record"] == counts["epsilon-per-record"] == 2.0 * length
+    assert entry["extra"]["privatiser"] == digest and f"{2.0 * length:g}-DP with respect to any two" in \
+        entry["extra"]["guarantee"]
     kept = json.loads(cache_path(site.ledger_path).read_text())["prompts"]
-    assert sorted(v["tokens_perturbed"] for v in kept.values()) == sorted(k)
+    assert [v["tokens_perturbed"] for v in kept.values()] == [length] * len(questions)
     assert release_prompts(site, settings, "run-b", privatiser=digest)[:2] == (prompts, {**counts, "cached": 8,
                                                                                    "perturbed-now": 0,
                                                                                    "epsilon-charged": 0.0})

@@ -30,7 +30,7 @@ Randomness comes from the OS (``np.random.default_rng()`` with no seed draws OS 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -53,6 +53,24 @@ def guarantee(epsilon: float, candidates: str = "all", knn: int = 0) -> str:
             f"any output: probability ratio <= e^{epsilon:g}); a prompt with k perturbed tokens is "
             f"{epsilon:g}*k-DP, given its public skeleton (its length and where special and allow-listed "
             "template tokens stand, which pass through unperturbed and are revealed)")
+
+
+def fixed_length_guarantee(epsilon: float, length: int, candidates: str = "all", knn: int = 0) -> str:
+    """The guarantee of a prompt cut or padded to ``length`` tokens with every one perturbed
+    (:func:`fixed_length`, :meth:`TokenExponentialMechanism.perturbing_every_token`)."""
+    if math.isinf(epsilon):
+        return guarantee(epsilon)
+    per_token = guarantee(epsilon, candidates, knn).split(";")[0]
+    return (f"{per_token}; every prompt is exactly {length} tokens, all perturbed (none passes through), so a "
+            f"prompt is {epsilon:g}*{length} = {epsilon * length:g}-DP with respect to any two inputs: neither its "
+            "length nor any token left as it was carries the input")
+
+
+def fixed_length(ids: list[int], length: int, filler: int) -> list[int]:
+    """``ids`` cut, or padded with the public ``filler`` id, to exactly ``length`` tokens: perturbed at
+    every position, the release then shows neither the input's length nor where anything stood."""
+    ids = list(ids[:length])
+    return ids + [int(filler)] * (length - len(ids))
 
 
 def check_epsilon(epsilon, allow_zero: bool = False) -> float:
@@ -153,6 +171,11 @@ class TokenExponentialMechanism:
             result.append(out[start:start + len(ids)].tolist())
             start += len(ids)
         return result
+
+    def perturbing_every_token(self) -> "TokenExponentialMechanism":
+        """The same mechanism with nothing passing through (special and allow-listed ids are perturbed
+        too): for inputs whose every token is a function of the private record, as a rewrite is."""
+        return replace(self, passthrough_ids=frozenset())
 
     def guarantee(self) -> str:
         return guarantee(self.epsilon, self.candidates, self.knn)
