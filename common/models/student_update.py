@@ -78,7 +78,8 @@ def student_model(model_dir, settings, weights: dict[str, np.ndarray] | None = N
             yield pair
         return
     torch.manual_seed(settings.dp.seed)
-    yield load_full_student(model_dir, settings.dp, weights)
+    model, tokenizer = load_full_student(model_dir, settings.dp, weights)
+    yield model.train(), tokenizer  # opacus wraps only a module in training mode (as peft's LoRA model is)
 
 
 def student_weights(model, settings) -> dict[str, np.ndarray]:
