@@ -1,9 +1,9 @@
 """Phase `pdss-students`: R rounds of `train.pdss`; FedAvg of the sites' step-by-step students.
 
-Each round every site that sent prompts gets one message: the global LoRA adapter of the student
-and the teacher's rationales for *its own* prompts (only rationale strings: a site needs nothing
+Each round every site that sent prompts gets one message: the global student (its LoRA adapter,
+or with `student-update = full` all its trainable weights) and the teacher's rationales for *its own* prompts (only rationale strings: a site needs nothing
 else). It trains its student on its records (client/pdss_student.py: DP-SGD, charged to its
-ledger) and replies with the adapter and metrics; Flower's FedAvg (weighted by records used)
+ledger) and replies with its update and metrics; Flower's FedAvg (weighted by records used)
 averages the valid replies. With `student-training = local-only` no adapter leaves a site: the
 rounds only pace the sites' local training, and the replies carry metrics.
 """
@@ -19,10 +19,11 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAvg
 
 from common.errors import RoundFailed
+from common.models.student_update import initial_student
 from common.wire import from_array_record, to_array_record
 from server.pdss_prompts import PROMPTS_FILE
 from server.pdss_rationales import RATIONALES_FILE
-from server.server_app import initial_adapter, sort_train_replies
+from server.server_app import sort_train_replies
 
 
 def run(phase) -> dict:
@@ -32,7 +33,7 @@ def run(phase) -> dict:
     rationales = json.loads((run.path / RATIONALES_FILE).read_text(encoding="utf-8"))["sites"]
     state = run.load_state()
     progress = state.setdefault("pdss", {"completed_round": 0, "adapter": None, "rounds": []})
-    adapter = run.load_adapter(progress["adapter"]) if progress["adapter"] else initial_adapter(settings)
+    adapter = run.load_adapter(progress["adapter"]) if progress["adapter"] else initial_student(settings)
     strategy = FedAvg(weighted_by_key="num-examples")
     for server_round in range(progress["completed_round"] + 1, settings.rounds + 1):
         started = time.monotonic()
