@@ -174,3 +174,11 @@ def test_an_unknown_student_update_is_refused_in_one_line(task):
 
     with pytest.raises(ConfigError, match=r"student-update must be one of lora, full, got 'adapter'"):
         settings_for(task, **{"student-update": "adapter"})
+
+
+@pytest.mark.parametrize("key", ["task-train-per-client", "task-heldout-per-client"])
+def test_the_generated_task_needs_records_in_both_splits(task, key):
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{key} must be ≥ 1, got 0"):
+        settings_for(task, **{key: 0})
