@@ -33,9 +33,9 @@ from client.dp_lora import _empty_per_sample_grads, _physical_batches, _shuffled
 from client.pdss import site_ledger, site_records
 from common.data.task import normalise_answer
 from common.errors import BudgetExceeded
-from common.models.cache import adapter_copy, warm_lora_model
 from common.models.generation import HFGenerator, greedy_settings
 from common.models.lm import token_losses
+from common.models.student_update import student_model, student_weights
 from common.privacy import plan_store
 from common.privacy.dp_sgd import make_private
 from common.privacy.ledger import DPSGDCharge
@@ -150,7 +150,7 @@ def train_round(site, settings, run_name: str, server_round: int, rationales: li
                            extra={"model": "pdss step-by-step student"})
         except BudgetExceeded as refusal:
             return {}, {**metrics, "refused": 1}, str(refusal)
-    with warm_lora_model(site.model_dir, cfg, global_adapter) as (model, tokenizer):
+    with student_model(site.model_dir, settings, global_adapter) as (model, tokenizer):
         data = multitask_rows(pairs, tokenizer, p.rationale_weight, cfg.max_length * 2)
         optimizer = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=cfg.learning_rate)
         torch.seed()  # DP noise and Poisson sampling must not follow the config's seed
@@ -165,7 +165,7 @@ def train_round(site, settings, run_name: str, server_round: int, rationales: li
         finally:
             if trained is not model:
                 trained.to_standard_module()
-        adapter = adapter_copy(model)
+        adapter = student_weights(model, settings)  # the LoRA adapter, or all trainable weights (full)
     finite = [h for h in history if math.isfinite(h)]
     metrics["train-loss"] = float(np.mean(finite)) if finite else float("nan")
     if private:
@@ -212,7 +212,7 @@ def heldout_accuracy(site, settings, adapter: dict[str, np.ndarray] | None) -> t
     records = site_records(site.heldout_path, settings)
     if adapter is None:
         adapter = load_release(kept_model_path(site))[0]
-    with warm_lora_model(site.model_dir, settings.dp, adapter) as (model, tokenizer):
+    with student_model(site.model_dir, settings, adapter) as (model, tokenizer):
         generator = HFGenerator(model, tokenizer, device=next(model.parameters()).device)
         outs = generator.generate([predict_prompt(r.question) for r in records], greedy_settings(
             settings.pdss.student_eval_max_new_tokens, settings.pdss.teacher_batch_size), seed=0)

@@ -22,6 +22,7 @@ from common.privacy.accounting import DEFAULT_ACCOUNTANT
 MODES = ("dp-lora", "distildp", "dp-opd", "pdss")
 TEACHER_RUN_MODES = ("dp-lora", "distildp")  # runs whose DP teacher a dp-opd student may learn from
 STUDENT_TRAINING = ("dp-sgd", "local-only")
+STUDENT_UPDATES = ("lora", "full")  # pdss: what a site trains and FedAvg averages (common/models/student_update.py)
 OUTPUT_SETS = ("public-tokens", "vocabulary")
 PRIVATISERS = ("exponential", "encoder-decoder")
 MAX_PROMPT_EPSILON = 500.0
@@ -250,6 +251,7 @@ class PDSSSettings:
     teacher_batch_size: int = 32
     student_training: str = "dp-sgd"       # dp-sgd (the update leaves: FedAvg) | local-only (nothing leaves)
     rationale_weight: float = 0.5          # α in L = (1 − α)·L_answer + α·L_rationale
+    student_update: str = "lora"           # lora (the LoRA adapter is trained and federated) | full (every weight)
     student_eval_max_new_tokens: int = 6
     # exponential: the mechanism alone; encoder-decoder: a local model trained on public data rewrites each
     # question before the mechanism and turns the teacher's rationale back into one for the raw question
@@ -273,7 +275,8 @@ class PDSSSettings:
         for name, value, allowed in (("perturb-utility", self.perturb_utility, UTILITIES),
                                      ("perturb-candidates", self.perturb_candidates, CANDIDATES),
                                      ("perturb-output-set", self.perturb_output_set, OUTPUT_SETS),
-                                     ("student-training", self.student_training, STUDENT_TRAINING)):
+                                     ("student-training", self.student_training, STUDENT_TRAINING),
+                                     ("student-update", self.student_update, STUDENT_UPDATES)):
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.privatiser not in PRIVATISERS:
@@ -368,6 +371,8 @@ class RunSettings:
     # Simulation only (not part of Flower's run config semantics elsewhere).
     generate_data: bool = False
     site_stamp: bool = True          # generated corpus: per-site export stamp on private records (false: like real text)
+    task_train_per_client: int = 60      # generated pdss task: private training records per site
+    task_heldout_per_client: int = 20    # generated pdss task: held-out records per site (the accuracy's sample)
     warmup_spec: str = "tiny-gpt2"
     warmup_steps: int = 120
     num_cpus: int = 2
@@ -460,7 +465,7 @@ class RunSettings:
                               "record's label, e.g. label-field = \"label\"); or set prompt-source = bos")
         if self.audit_max_records < 10 or self.audit_candidates < 10:
             raise ConfigError("audit-max-records and audit-candidates must be ≥ 10")
-        for name in ("clients", "rounds", "min_clients"):
+        for name in ("clients", "rounds", "min_clients", "task_train_per_client", "task_heldout_per_client"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
         if self.min_clients > self.clients:

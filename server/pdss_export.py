@@ -1,9 +1,10 @@
 """Phase `pdss-export`: the federated step-by-step student with its privacy card.
 
-RUN_DIR/student/: ``save_pretrained`` of the base model with the federated LoRA adapter merged
-in (and the tokenizer), ``privacy.json`` and a README model card. The card names the privatisation
-strategy (exponential, or encoder-decoder with what its guarantee is and is not). Both mechanisms
-that touched a site's data are stated: the token-level exponential mechanism on its prompts (pure ε per
+RUN_DIR/student/: ``save_pretrained`` of the federated student (and the tokenizer): the base model
+with the federated LoRA adapter merged in, or with `student-update = full` the averaged weights;
+``privacy.json`` and a README model card. The card names the privatisation strategy (exponential,
+or encoder-decoder with what its guarantee is). Both mechanisms that touched a site's data are
+stated: the token-level exponential mechanism on its prompts (pure ε per
 record, with its guarantee) and DP-SGD on its student; the figure is each site's ledger
 composing both (dp-accounting PLD). With `local-only` nothing was federated: no student.
 """
@@ -42,7 +43,8 @@ def privacy_document(run_dir, settings, phases: dict) -> dict:
                         if p.encoder_decoder else "ε_token × tokens perturbed per record") +
                        "; records disjoint, so the pass costs the largest"})
     if settings.dp.private:
-        mechanisms.append({"mechanism": "DP-SGD (Poisson-subsampled Gaussian) on each site's LoRA student",
+        mechanisms.append({"mechanism": f"DP-SGD (Poisson-subsampled Gaussian) on each site's student "
+                                        f"({'all weights' if p.student_update == 'full' else 'LoRA adapter'})",
                            "rounds": settings.rounds, "epsilon_target": settings.dp.epsilon,
                            "max_grad_norm": settings.dp.max_grad_norm})
     private = settings.dp.private and (p.perturbs or p.answer_only)
@@ -61,7 +63,10 @@ def privacy_document(run_dir, settings, phases: dict) -> dict:
                        "note": "exact match after normalisation on the sites' held-out splits"},
         "settings": {"privatiser": p.privatiser, "token-epsilon": p.token_epsilon, "rationale-weight": p.rationale_weight,
                      "teacher-few-shot": p.teacher_few_shot, "rounds": settings.rounds,
-                     "local-steps": settings.dp.local_steps, "epsilon": settings.dp.epsilon, "lora-r": settings.dp.lora_r},
+                     "local-steps": settings.dp.local_steps, "epsilon": settings.dp.epsilon,
+                     "student-update": p.student_update, "learning-rate": settings.dp.learning_rate,
+                     "batch-size": settings.dp.batch_size, "max-grad-norm": settings.dp.max_grad_norm,
+                     **({} if p.student_update == "full" else {"lora-r": settings.dp.lora_r})},
     }
 
 
@@ -114,11 +119,11 @@ def run(phase) -> dict:
     students = phase.summary_of("pdss-students")
     if students.get("local_only"):
         return {"skipped": "student-training = local-only: every site keeps its own model; nothing to export"}
-    from common.models.loading import load_lora_model
+    from common.models.student_update import merged_student
 
-    model, tokenizer = load_lora_model(settings.model_dir, settings.dp, phase.run.load_adapter(students["adapter"]))
+    model, tokenizer = merged_student(settings.model_dir, settings, phase.run.load_adapter(students["adapter"]))
     out = phase.run.path / STUDENT_DIR
-    model.merge_and_unload().save_pretrained(out)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     doc = privacy_document(phase.run.path, settings, phase.state().get("phases", {}))
     atomic_write_json(out / "privacy.json", json_safe(doc))

@@ -1,9 +1,9 @@
 """Phase `pdss-students`: R rounds of `train.pdss`; FedAvg of the sites' step-by-step students.
 
-Each round every site that sent prompts gets one message: the global LoRA adapter of the student
-and the teacher's rationales for *its own* prompts (only rationale strings: a site needs nothing
+Each round every site that sent prompts gets one message: the global student (its LoRA adapter,
+or with `student-update = full` all its trainable weights) and the teacher's rationales for *its own* prompts (only rationale strings: a site needs nothing
 else). It trains its student on its records (client/pdss_student.py: DP-SGD, charged to its
-ledger) and replies with the adapter and metrics; Flower's FedAvg (weighted by records used)
+ledger) and replies with its update and metrics; Flower's FedAvg (weighted by records used)
 averages the valid replies. With privatiser = encoder-decoder the message also carries the site's
 own sent prompts and its privatiser's digest: the site's decoder turns each teacher rationale into
 one for its raw question before training. With `student-training = local-only` no adapter leaves
@@ -21,10 +21,11 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAvg
 
 from common.errors import RoundFailed
+from common.models.student_update import initial_student
 from common.wire import from_array_record, to_array_record
 from server.pdss_prompts import digests, sites_now
 from server.pdss_rationales import RATIONALES_FILE
-from server.server_app import initial_adapter, sort_train_replies
+from server.server_app import sort_train_replies
 
 
 def run(phase) -> dict:
@@ -34,7 +35,7 @@ def run(phase) -> dict:
     rationales = json.loads((run.path / RATIONALES_FILE).read_text(encoding="utf-8"))["sites"]
     state = run.load_state()
     progress = state.setdefault("pdss", {"completed_round": 0, "adapter": None, "rounds": []})
-    adapter = run.load_adapter(progress["adapter"]) if progress["adapter"] else initial_adapter(settings)
+    adapter = run.load_adapter(progress["adapter"]) if progress["adapter"] else initial_student(settings)
     strategy = FedAvg(weighted_by_key="num-examples")
     privatisers = digests(phase)
     for server_round in range(progress["completed_round"] + 1, settings.rounds + 1):

@@ -27,7 +27,9 @@ def prepare_pdss(settings, run_dir: Path) -> None:
     if settings.generate_data and not (data_dir / "manifest.json").exists():
         from common.data.arithmetic import generate_task
 
-        generate_task(data_dir, n_clients=settings.clients, seed=settings.seed)
+        generate_task(data_dir, n_clients=settings.clients, seed=settings.seed,
+                      train_per_client=settings.task_train_per_client,
+                      heldout_per_client=settings.task_heldout_per_client)
     public = load_task(settings.public_file(), p.question_field, p.answer_field, p.rationale_field)
     p.teacher_dir = p.teacher_dir or str(run_dir / "teacher")
     if not (Path(p.teacher_dir) / "config.json").exists():

@@ -123,3 +123,85 @@ def test_without_dp_the_federated_round_sends_its_update_and_charges_nothing(tas
     assert refusal == "" and set(adapter) == set(start) and "local-only" not in metrics
     assert any(not np.array_equal(adapter[k], start[k]) for k in start)
     assert not site.ledger_path.exists() or PrivacyLedger.load(site.ledger_path).entries == []
+
+
+# ---------------------------------------------------------------------------- student-update = full
+def test_per_sample_gradients_of_the_full_model_match_a_naive_loop(task):
+    """Every trainable GPT-2 weight, the tied input/output embedding included (opacus sums its two
+    uses); the position table is frozen (GPT-2 looks it up with batch size 1)."""
+    from common.models.student_update import load_full_student
+
+    settings = settings_for(task, **{"student-update": "full"})
+    model, tokenizer = load_full_student(task / "base", settings.dp)
+    model.train()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert "transformer.wte.weight" in dict(trainable) and "transformer.wpe.weight" not in dict(trainable)
+    triples = [("Mia has 3 pens. How many pens does Mia have now?", "3", "3 = 3"),
+               ("Omar had 9 eggs and gave 2 to Ada. How many eggs does Omar have left?", "7", "9 - 2 = 7"),
+               ("Zoe buys 2 bags with 4 cards in each bag. How many cards does Zoe buy?", "8", "2 * 4 = 8")]
+    data = multitask_rows(triples, tokenizer, 0.5, 128)
+    plan = DPSGDPlan(8.0, 1e-5, 0.0, sample_rate_for(3, 3), 1, 1, 0.05, "rdp")
+    optimizer = torch.optim.SGD([p for _, p in trainable], lr=0.1)
+    _, private, optimizer, _ = make_private(model, optimizer, data, 3, plan)
+    record_loss(private, *data.tensors).mean().backward()
+    opacus = {n: p.grad_sample.detach().clone() for n, p in trainable}
+    private.disable_hooks()
+    for i in range(3):
+        for _, p in trainable:
+            p.grad = None
+        record_loss(private, *(t[i:i + 1] for t in data.tensors)).sum().backward()
+        for n, p in trainable:
+            torch.testing.assert_close(opacus[n][i], p.grad, rtol=1e-4, atol=1e-6)
+    assert opacus["transformer.wte.weight"][0].abs().max() > 0
+    private.enable_hooks()
+
+
+def test_a_full_update_round_changes_every_weight_kind_and_is_charged(task, tmp_path):
+    from common.models.student_update import initial_student
+
+    settings, site = settings_for(task, **{"student-update": "full"}), site_for(task, tmp_path)
+    start = initial_student(settings)
+    assert "transformer.h.0.mlp.c_fc.weight" in start and not any("lora" in k for k in start)
+    adapter, metrics, refusal = train_round(site, settings, "run", 1, rationales_for(task), start)
+    assert refusal == "" and set(adapter) == set(start) and np.isfinite(metrics["train-loss"])
+    for name in ("transformer.wte.weight", "transformer.h.0.mlp.c_fc.weight", "transformer.ln_f.bias"):
+        assert not np.array_equal(adapter[name], start[name]), name  # DP noise alone moves every trained weight
+    ledger = PrivacyLedger.load(site.ledger_path)
+    assert [e["mechanism"] for e in ledger.entries] == ["dp-sgd"] and ledger.spent_epsilon() > 0
+    accuracy, n = heldout_accuracy(site, settings, adapter)
+    assert 0.0 <= accuracy <= 1.0 and n == 4
+
+
+@pytest.mark.parametrize("update", ["lora", "full"])
+def test_the_exported_student_loads_with_from_pretrained_and_is_the_trained_one(task, tmp_path, update):
+    """What pdss-export writes (``merged_student`` → save_pretrained) in both update modes."""
+    from transformers import AutoModelForCausalLM
+
+    from common.models.student_update import initial_student, merged_student, student_model
+
+    settings = settings_for(task, **{"student-update": update})
+    trained, _, _ = train_round(site_for(task, tmp_path), settings, "run", 1, rationales_for(task),
+                                initial_student(settings))
+    model, tokenizer = merged_student(task / "base", settings, trained)
+    model.save_pretrained(tmp_path / "student")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    ids = tokenizer("predict: Mia has 3 pens.\n", return_tensors="pt")["input_ids"]
+    with student_model(task / "base", settings, trained) as (student, _), torch.no_grad():
+        student.eval()
+        torch.testing.assert_close(loaded(ids).logits, student(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_an_unknown_student_update_is_refused_in_one_line(task):
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"student-update must be one of lora, full, got 'adapter'"):
+        settings_for(task, **{"student-update": "adapter"})
+
+
+@pytest.mark.parametrize("key", ["task-train-per-client", "task-heldout-per-client"])
+def test_the_generated_task_needs_records_in_both_splits(task, key):
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{key} must be ≥ 1, got 0"):
+        settings_for(task, **{key: 0})
