@@ -156,9 +156,9 @@ def public_only_accuracy(settings) -> float:
     """The student's base before any private training (public warm-up only): the floor."""
     from client.dp_lora import Site
     from client.pdss_student import heldout_accuracy
-    from server.server_app import initial_adapter
+    from common.models.student_update import initial_student
 
-    adapter, correct_, total = initial_adapter(settings), 0.0, 0
+    adapter, correct_, total = initial_student(settings), 0.0, 0
     for i in range(settings.clients):
         d = Path(settings.data_dir) / f"client_{i}"
         site = Site(f"client_{i}", d / "train.jsonl", d / "heldout.jsonl", d / "unused.json", 1.0,

@@ -79,7 +79,10 @@ def figures(run_dir: Path) -> dict:
     from simulations.compare_cells import ledger_epsilon
 
     state = RunDirectory(run_dir).load_state()
-    settings = RunSettings.from_flat(state["settings"])
+    flat = dict(state["settings"])
+    if flat.get("token-epsilon", 0) is None:  # state.json holds ∞ as null (validation refuses NaN): no perturbation
+        flat["token-epsilon"] = math.inf
+    settings = RunSettings.from_flat(flat)
     phases, metrics = state.get("phases", {}), state.get("metrics", {})
     epsilon, delta = ledger_epsilon(run_dir, settings)
     return {"accuracy": phases["pdss-evaluation"]["accuracy"],
@@ -114,7 +117,7 @@ def _floor_accuracy(comparison, bases: Path) -> dict:
     from client.dp_lora import Site
     from client.pdss_student import heldout_accuracy
     from common.models.build import build_model, count_parameters
-    from server.server_app import initial_adapter
+    from common.models.student_update import initial_student
 
     from simulations.compare import Cell
 
@@ -125,7 +128,7 @@ def _floor_accuracy(comparison, bases: Path) -> dict:
     for i in range(settings.clients):
         site = Site(f"client_{i}", data / f"client_{i}" / "train.jsonl", data / f"client_{i}" / "heldout.jsonl",
                     bases / "task" / "unused-ledger.json", 0.0, Path(settings.model_dir))
-        accuracy, n = heldout_accuracy(site, settings, initial_adapter(settings))  # B = 0: the base model itself
+        accuracy, n = heldout_accuracy(site, settings, initial_student(settings))  # B = 0: the base model itself
         correct, records = correct + accuracy * n, records + n
     return {"accuracy": correct / records, "parameters": count_parameters(build_model(settings.model_dir))[1]}
 

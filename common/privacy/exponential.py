@@ -132,7 +132,9 @@ class TokenExponentialMechanism:
             d = _distances(x, self._out)
             return -np.minimum(d, self.distance_clip) if clipped else -d
         norms = np.linalg.norm(x, axis=1, keepdims=True) * np.linalg.norm(self._out, axis=1)[None, :]
-        return np.clip(x @ self._out.T / np.maximum(norms, 1e-12), -1.0, 1.0)
+        with _one_blas_thread():
+            dots = x @ self._out.T
+        return np.clip(dots / np.maximum(norms, 1e-12), -1.0, 1.0)
 
     def logits(self, token_ids) -> np.ndarray:
         scores = self.epsilon * self.utilities(token_ids) / (2.0 * self.sensitivity)
@@ -188,8 +190,18 @@ class TokenExponentialMechanism:
 
 
 def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+    with _one_blas_thread():
+        sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
     return np.sqrt(np.maximum(sq, 0.0))
+
+
+def _one_blas_thread():
+    """numpy's BLAS on one thread. Its thread pool, entered from a ServerApp thread of a process
+    that also runs the Simulation Engine, was seen spinning forever in exec_blas (a 100 × 100
+    product, 20 minutes); one thread computes these small products inline and cannot wait on it."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def passthrough_ids(tokenizer, allow_words: list[str]) -> tuple[frozenset, frozenset]:
