@@ -204,3 +204,18 @@ def test_task_data_without_the_answer_field_is_refused_up_front(fed_root, tmp_pa
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "'answer'" in err and "client_1" in err and "Traceback" not in err
     assert not (tmp_path / "cmp").exists()
+
+
+def test_pdss_cells_split_the_epsilon_and_answer_only_spends_it_all_on_dp_sgd(fed_root, tmp_path):
+    from simulations.compare import Cell
+    from simulations.compare_task import cell_values
+
+    comparison = load_comparison(CONFIG, tiny(fed_root, tmp_path / "cmp", methods=["pdss", "pdss-answer-only"]))
+    bases = tmp_path / "bases"
+    pdss = cell_values(comparison, Cell("pdss", 8.0, 0), bases)
+    assert (pdss["epsilon"], pdss["prompt-epsilon"], pdss["token-epsilon"]) == (4.0, 4.0, 0.25)  # share 0.5, 16 tokens
+    answer_only = cell_values(comparison, Cell("pdss-answer-only", 8.0, 0), bases)
+    assert answer_only["epsilon"] == 8.0 and answer_only["rationale-weight"] == 0.0
+    none = cell_values(comparison, Cell("pdss", math.inf, 0), bases)
+    assert none["private"] is False and math.isinf(none["token-epsilon"])
+    assert pdss["teacher-dir"] == str(bases / "task" / "teacher") and pdss["mode"] == "pdss"
