@@ -189,7 +189,8 @@ def plot(rows: list[dict], path: Path) -> None:
         xs = [x_of(r["epsilon_token"]) for r in mine]
         for key, label, colour in metrics:
             if all(key in r for r in mine):
-                left.plot(xs, [r[key] for r in mine], style, color=colour, label=f"{strategy}: {label}")
+                ys = [math.nan if r[key] is None else r[key] for r in mine]  # None: a cell the sites refused
+                left.plot(xs, ys, style, color=colour, label=f"{strategy}: {label}")
         right.plot(xs, [r["leakage"] for r in mine], style, color="C3", label=strategy)
     ticks = finite + [at_inf]
     for ax, title in ((left, "accuracy"), (right, "leakage (private tokens surviving)")):
@@ -237,7 +238,10 @@ def main() -> None:
                      r["canaries_read"], f"{r['teacher_accuracy']:.3f}", f"{r['rationale_correct']:.3f}",
                      *("–" if r[k] is None else f"{r[k]:.3f}" for k in ("decoded_without_teacher_correct",
                                                                          "skeleton_changed"))]
-            if args.students:  # the prompt budget must cover the charged per-record ε, or the sites refuse
+            if args.students and MAX_PROMPT_EPSILON < r["charged_record_epsilon"] < math.inf:  # every site refuses
+                r["student_accuracy"] = None
+                cells.append(f"refused (ε {r['charged_record_epsilon']:g} per record > {MAX_PROMPT_EPSILON:g})")
+            elif args.students:  # the prompt budget must cover the charged per-record ε, or the sites refuse
                 cap = min(MAX_PROMPT_EPSILON, max(64.0, r["charged_record_epsilon"]))
                 r["student_accuracy"] = student_accuracy(args.run, f"{strategy}-eps-{epsilon:g}", **{
                     "token-epsilon": epsilon, "prompt-epsilon": cap, "privatiser": strategy})
@@ -247,8 +251,8 @@ def main() -> None:
             extra = f"; privatiser loss {r['privatiser_loss']}, empty rewrites {r['encoder_empty']}" \
                 if r["privatiser_loss"] else ""
             print("| " + " | ".join(cells) + f" |  ({r['seconds']}s{extra})", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2, default=str) + "\n")
+            if args.json:  # after every row: a cut benchmark keeps what it measured
+                args.json.write_text(json.dumps(rows, indent=2, default=str) + "\n")
     if args.plot:
         plot(rows, args.plot)
     print(f"public-only student base (no private training): accuracy {public_only_accuracy(settings):.3f}")
