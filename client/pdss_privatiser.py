@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.models.lm import token_losses
+from common.models.lm import token_losses, weighted_rows
 
 ENCODE, DECODE = "encode: ", "decode: "
 ENCODER_SHARE = 0.5  # the reference's 0.5·encoder + 0.5·decoder
@@ -74,14 +74,8 @@ def training_rows(examples: list[PrivatiserExample], tokenizer) -> TensorDataset
             ids = (c + goal)[:MAX_LENGTH]
             rows.append(ids)
             weights.append(([0.0] * len(c) + [share / len(goal)] * len(goal))[:MAX_LENGTH])
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    target_w = torch.zeros((len(rows), width - 1), dtype=torch.float32)  # weight of predicting token t+1
-    for i, (r, w) in enumerate(zip(rows, weights)):
-        input_ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-        target_w[i, :len(r) - 1] = torch.tensor(w[1:])
+    input_ids, mask, target_w = weighted_rows(rows, weights, tokenizer.pad_token_id)
+    width = input_ids.shape[1]
     n = len(examples)
     return TensorDataset(input_ids.view(n, 2, width), mask.view(n, 2, width), target_w.view(n, 2, width - 1))
 

@@ -34,7 +34,7 @@ from client.pdss import site_ledger, site_records
 from common.data.task import normalise_answer
 from common.errors import BudgetExceeded
 from common.models.generation import HFGenerator, greedy_settings
-from common.models.lm import token_losses
+from common.models.lm import token_losses, weighted_rows
 from common.models.student_update import student_model, student_weights
 from common.privacy import plan_store
 from common.privacy.dp_sgd import make_private
@@ -60,15 +60,7 @@ def multitask_rows(pairs: list[tuple[str, str, str]], tokenizer, alpha: float, m
             w += [0.0] * len(context) + [share / len(goal)] * len(goal)
         rows.append(ids[:max_length])
         weights.append(w[:max_length])
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    target_w = torch.zeros((len(rows), width - 1), dtype=torch.float32)  # weight of predicting token t+1
-    for i, (r, w) in enumerate(zip(rows, weights)):
-        input_ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-        target_w[i, :len(r) - 1] = torch.tensor(w[1:])
-    return TensorDataset(input_ids, mask, target_w)
+    return TensorDataset(*weighted_rows(rows, weights, tokenizer.pad_token_id))
 
 
 def record_loss(model, input_ids, mask, weights) -> torch.Tensor:

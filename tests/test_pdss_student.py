@@ -46,6 +46,13 @@ def test_per_sample_gradients_of_the_multitask_loss_match_a_naive_loop(task):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    per_sample = per_sample_gradients_match_a_naive_loop(model, tokenizer)
+    assert all(g.abs().max() > 0 for g in per_sample.values())
+
+
+def per_sample_gradients_match_a_naive_loop(model, tokenizer) -> dict:
+    """opacus's per-sample gradients of the multi-task loss on three records, each checked against
+    that record's own backward pass; returns them by parameter name."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     triples = [("Mia has 3 pens. How many pens does Mia have now?", "3", "3 = 3"),
                ("Omar had 9 eggs and gave 2 to Ada. How many eggs does Omar have left?", "7", "9 - 2 = 7"),
@@ -64,8 +71,8 @@ def test_per_sample_gradients_of_the_multitask_loss_match_a_naive_loop(task):
         record_loss(private, *(t[i:i + 1] for t in data.tensors)).sum().backward()
         for n, p in trainable:
             torch.testing.assert_close(opacus[n][i], p.grad, rtol=1e-4, atol=1e-6)
-            assert p.grad.abs().max() > 0
     private.enable_hooks()
+    return opacus
 
 
 def test_a_dp_round_is_charged_composed_and_replayed(task, tmp_path):
@@ -137,24 +144,8 @@ def test_per_sample_gradients_of_the_full_model_match_a_naive_loop(task):
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert "transformer.wte.weight" in dict(trainable) and "transformer.wpe.weight" not in dict(trainable)
-    triples = [("Mia has 3 pens. How many pens does Mia have now?", "3", "3 = 3"),
-               ("Omar had 9 eggs and gave 2 to Ada. How many eggs does Omar have left?", "7", "9 - 2 = 7"),
-               ("Zoe buys 2 bags with 4 cards in each bag. How many cards does Zoe buy?", "8", "2 * 4 = 8")]
-    data = multitask_rows(triples, tokenizer, 0.5, 128)
-    plan = DPSGDPlan(8.0, 1e-5, 0.0, sample_rate_for(3, 3), 1, 1, 0.05, "rdp")
-    optimizer = torch.optim.SGD([p for _, p in trainable], lr=0.1)
-    _, private, optimizer, _ = make_private(model, optimizer, data, 3, plan)
-    record_loss(private, *data.tensors).mean().backward()
-    opacus = {n: p.grad_sample.detach().clone() for n, p in trainable}
-    private.disable_hooks()
-    for i in range(3):
-        for _, p in trainable:
-            p.grad = None
-        record_loss(private, *(t[i:i + 1] for t in data.tensors)).sum().backward()
-        for n, p in trainable:
-            torch.testing.assert_close(opacus[n][i], p.grad, rtol=1e-4, atol=1e-6)
-    assert opacus["transformer.wte.weight"][0].abs().max() > 0
-    private.enable_hooks()
+    per_sample = per_sample_gradients_match_a_naive_loop(model, tokenizer)
+    assert per_sample["transformer.wte.weight"][0].abs().max() > 0
 
 
 def test_a_full_update_round_changes_every_weight_kind_and_is_charged(task, tmp_path):

@@ -27,6 +27,22 @@ def encode_texts(texts: list[str], tokenizer, max_length: int = 128) -> TensorDa
     return TensorDataset(input_ids, mask)
 
 
+def weighted_rows(rows: list[list[int]], weights: list[list[float]], pad_id: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token rows with a weight per token → (input ids, attention mask, weight of predicting token
+    t+1), right-padded to the longest row; a weight belongs to the token it sits on, so the target
+    weights are the rows' weights shifted by one (what ``token_losses`` returns per position)."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    target_w = torch.zeros((len(rows), width - 1), dtype=torch.float32)
+    for i, (r, w) in enumerate(zip(rows, weights)):
+        input_ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+        target_w[i, :len(r) - 1] = torch.tensor(w[1:])
+    return input_ids, mask, target_w
+
+
 def token_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy per position, and the mask of positions that count."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
